@@ -7,6 +7,7 @@ One small tree, so callers can catch what they can handle::
     ├── TleError           a TLE line does not parse or fails its checksum
     ├── EmulationError     the kernel or a helper process refused what we asked
     │   └── CommandError   an external command failed (carries argv and stderr)
+    ├── MonitoringError    Prometheus cannot be reached or rejected a query
     ├── NodeNotFound       a node name that the running scenario does not have
     ├── ShardError         an expert shard is missing or its hash does not match
     └── InferenceError     a request could not be served (names the cause)
@@ -53,6 +54,10 @@ class CommandError(EmulationError):
             f"command {' '.join(self.argv)!r} exited with {returncode}: "
             f"{self.stderr or '(no stderr)'}"
         )
+
+
+class MonitoringError(SpaceMoeError):
+    """Prometheus is unreachable, or a query failed (the message has the query)."""
 
 
 class NodeNotFound(SpaceMoeError):
