@@ -1,0 +1,1 @@
+"""The MoE language model, its training, shards, and Hugging Face import."""
