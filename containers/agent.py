@@ -74,6 +74,7 @@ class Agent:
         shard_dir: str | Path,
         on_busy: BusyHook | None = None,
         keepalive_s: int = 5,
+        on_ready: Callable[[], None] | None = None,
     ) -> None:
         self.node = node
         self.host = host
@@ -101,6 +102,8 @@ class Agent:
         }
         self._started_monotonic = time.monotonic()
         self._stopping = False
+        self.on_ready = on_ready
+        self.ready = threading.Event()
         self.client = self._make_client()
 
     # -- MQTT plumbing --------------------------------------------------
@@ -115,6 +118,7 @@ class Agent:
         client.reconnect_delay_set(min_delay=1, max_delay=4)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
         client.message_callback_add(wire.request_filter(self.node), self._on_request)
         client.message_callback_add(wire.control_topic(self.node), self._on_control)
         return client
@@ -138,6 +142,24 @@ class Agent:
         )
         client.publish(wire.status_topic(self.node), b"online", qos=1, retain=True)
         log.info("agent %s connected to %s:%s", self.node, self.host, self.port)
+
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: Any,
+        properties: Any,
+    ) -> None:
+        failed = [code for code in reason_codes if code.is_failure]
+        if failed:
+            log.error("agent %s: broker refused subscriptions: %s", self.node, failed)
+            return
+        # Serving starts only once the broker routes requests to us.
+        if not self.ready.is_set():
+            self.ready.set()
+            if self.on_ready is not None:
+                self.on_ready()
 
     def _on_disconnect(
         self,
@@ -169,18 +191,44 @@ class Agent:
                 time.sleep(0.05)
 
     def serve_forever(self, timeout_s: float = 10.0) -> None:
-        """Connect and serve in this thread until stop() is called."""
+        """Connect and serve in this thread until request_stop() is called.
+
+        The loop is ours rather than paho's loop_forever so that a signal
+        handler can end it safely: it only sets a flag that the loop polls.
+        """
         self.connect(timeout_s)
-        self.client.loop_forever(retry_first_connection=True)
+        backoff_s = 0.25
+        while not self._stopping:
+            rc = self.client.loop(timeout=0.1)
+            if rc == mqtt.MQTT_ERR_SUCCESS or self._stopping:
+                backoff_s = 0.25
+                continue
+            time.sleep(backoff_s)
+            try:
+                self.client.reconnect()
+            except OSError as exc:
+                log.warning("agent %s: reconnect failed: %s", self.node, exc)
+                backoff_s = min(backoff_s * 2, 4.0)
+        self._say_goodbye()
+
+    def request_stop(self) -> None:
+        """Ask serve_forever to finish (safe to call from a signal handler)."""
+        self._stopping = True
 
     def start(self, timeout_s: float = 10.0) -> Agent:
         """Connect and serve from a background thread (tests, in-process use)."""
         self.connect(timeout_s)
         self.client.loop_start()
+        if not self.ready.wait(timeout_s):
+            self.stop()
+            raise SpaceMoeError(
+                f"agent {self.node}: broker at {self.host}:{self.port} did not "
+                f"acknowledge its subscriptions within {timeout_s} s"
+            )
         return self
 
     def stop(self) -> None:
-        """Say offline (retained), disconnect, and end the network loop."""
+        """Say offline (retained), disconnect, and end the background loop."""
         self._stopping = True
         info = self.client.publish(
             wire.status_topic(self.node), b"offline", qos=1, retain=True
@@ -191,6 +239,19 @@ class Agent:
             pass  # not connected: the broker will publish the will instead
         self.client.disconnect()
         self.client.loop_stop()
+
+    def _say_goodbye(self) -> None:
+        """Publish "offline" and disconnect, driving the loop by hand."""
+        info = self.client.publish(
+            wire.status_topic(self.node), b"offline", qos=1, retain=True
+        )
+        deadline = time.monotonic() + 1.0
+        while not info.is_published() and time.monotonic() < deadline:
+            if self.client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
+                break
+        self.client.disconnect()
+        self.client.loop(timeout=0.05)
+        log.info("agent %s stopped", self.node)
 
     # -- expert requests ------------------------------------------------
 
@@ -221,7 +282,7 @@ class Agent:
         if self.on_busy is not None:
             self.on_busy(started, busy_s)
 
-    def handle_request(self, topic: str, payload: bytes) -> bytes:
+    def handle_request(self, topic: str, payload: bytes | bytearray) -> bytes:
         """The reply payload (REPLY or ERROR) for one request payload."""
         with self._lock:
             self._counters["requests_total"] += 1
@@ -302,7 +363,7 @@ class Agent:
             props.CorrelationData = correlation
         client.publish(response_topic, reply, qos=1, properties=props)
 
-    def handle_control(self, payload: bytes) -> bytes:
+    def handle_control(self, payload: bytes | bytearray) -> bytes:
         """The JSON reply to one control command payload."""
         with self._lock:
             self._counters["control_total"] += 1

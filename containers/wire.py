@@ -132,13 +132,13 @@ def encode_tensor(tensor: Tensor, dtype: str = "float32") -> bytes:
     return _TENSOR.pack(TENSOR_MAGIC, VERSION, code, len(shape)) + dims + data
 
 
-def decode_tensor(buf: bytes | memoryview, what: str = "tensor") -> Tensor:
+def decode_tensor(buf: bytes | bytearray | memoryview, what: str = "tensor") -> Tensor:
     """A float32 tensor from a complete tensor block; WireError if malformed."""
     return decode_tensor_block(buf, what)[0]
 
 
 def decode_tensor_block(
-    buf: bytes | memoryview, what: str = "tensor"
+    buf: bytes | bytearray | memoryview, what: str = "tensor"
 ) -> tuple[Tensor, str]:
     """(float32 tensor, wire dtype name) from a tensor block."""
     view = memoryview(buf)
@@ -192,7 +192,7 @@ def decode_tensor_block(
     return tensor, name
 
 
-def tensor_data_bytes(buf: bytes | memoryview) -> int:
+def tensor_data_bytes(buf: bytes | bytearray | memoryview) -> int:
     """How many element bytes a well-formed tensor block carries (no checks)."""
     ndim = buf[_TENSOR.size - 1]
     return len(buf) - _TENSOR.size - 4 * ndim
@@ -295,7 +295,7 @@ def encode_error(request_id: int, code: int, text: str) -> bytes:
     )
 
 
-def decode_message(payload: bytes | memoryview) -> Message:
+def decode_message(payload: bytes | bytearray | memoryview) -> Message:
     """Any expert message; WireError says what is malformed."""
     view = memoryview(payload)
     if len(view) > MAX_PAYLOAD_BYTES:
@@ -351,7 +351,7 @@ def decode_message(payload: bytes | memoryview) -> Message:
     )
 
 
-def decode_request(payload: bytes | memoryview) -> ExpertRequest:
+def decode_request(payload: bytes | bytearray | memoryview) -> ExpertRequest:
     """A REQUEST, or WireError (also for a well-formed message of another kind)."""
     message = decode_message(payload)
     if not isinstance(message, ExpertRequest):
@@ -359,7 +359,7 @@ def decode_request(payload: bytes | memoryview) -> ExpertRequest:
     return message
 
 
-def decode_reply(payload: bytes | memoryview) -> ExpertReply | ExpertError:
+def decode_reply(payload: bytes | bytearray | memoryview) -> ExpertReply | ExpertError:
     """A REPLY or ERROR, or WireError."""
     message = decode_message(payload)
     if isinstance(message, ExpertRequest):
@@ -418,7 +418,7 @@ def encode_control(command: ControlCommand) -> bytes:
     return payload
 
 
-def decode_control(payload: bytes | memoryview) -> ControlCommand:
+def decode_control(payload: bytes | bytearray | memoryview) -> ControlCommand:
     """A validated control command, or WireError naming the bad field."""
     data = _json_object(payload, "control command")
     if data.get("v") != VERSION:
@@ -461,7 +461,7 @@ def encode_control_reply(op: str, ok: bool, **fields: Any) -> bytes:
     ).encode()
 
 
-def decode_control_reply(payload: bytes | memoryview) -> dict[str, Any]:
+def decode_control_reply(payload: bytes | bytearray | memoryview) -> dict[str, Any]:
     """A control reply as a dict with at least "op" and a boolean "ok"."""
     data = _json_object(payload, "control reply")
     if not isinstance(data.get("ok"), bool) or not isinstance(data.get("op"), str):
@@ -469,7 +469,7 @@ def decode_control_reply(payload: bytes | memoryview) -> dict[str, Any]:
     return data
 
 
-def _json_object(payload: bytes | memoryview, what: str) -> dict[str, Any]:
+def _json_object(payload: bytes | bytearray | memoryview, what: str) -> dict[str, Any]:
     if len(payload) > MAX_CONTROL_BYTES:
         raise WireError(
             f"{what} of {len(payload)} bytes exceeds {MAX_CONTROL_BYTES} bytes"
