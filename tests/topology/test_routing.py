@@ -157,8 +157,27 @@ def test_no_loops_under_hysteresis_with_random_delays() -> None:
     assert kept > 100  # hysteresis really held routes that were not shortest
 
 
+def test_destination_subset_matches_all_pairs() -> None:
+    scenario = from_dict(Scenario, {"shells": [{"kind": "walker-star"}]})
+    geometry = Geometry(scenario)
+    full = Router(66, 0.05, 2e-4)
+    some = Router(66, 0.05, 2e-4, destinations=[40, 3, 65])
+    for t_s in range(0, 600, 60):
+        state = geometry.step(float(t_s))
+        full.update(state.links)
+        changes = some.update(state.links)
+        assert set(changes.dest.tolist()) <= {3, 40, 65}
+        cols = [3, 40, 65]
+        assert np.array_equal(some.next_hop[:, cols], full.next_hop[:, cols])
+        assert np.allclose(some.dist_s[:, cols], full.dist_s[:, cols])
+    assert (some.next_hop[:, 0] == -1).all()
+    assert some.path(10, 40) == full.path(10, 40)
+
+
 def test_rejects_bad_input() -> None:
     with pytest.raises(ConfigError):
         Router(0, 0.05, 2e-4)
     with pytest.raises(ConfigError, match="built for 2 nodes"):
         Router(2, 0.05, 2e-4).update(links([(0, 5, 0.001)]))
+    with pytest.raises(ConfigError, match="destinations"):
+        Router(3, 0.05, 2e-4, destinations=[1, 3])
