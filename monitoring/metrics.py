@@ -181,13 +181,13 @@ METRICS: dict[str, MetricSpec] = _specs(
                "Packets dropped on the link from src to dst (loss, queue "
                "overflow, link down).", LINK_DIR, "emulator"),
     MetricSpec("spacemoe_node_latitude_degrees", "gauge",
-               "Geodetic latitude of the node (WGS84).", ("node", "role"),
+               "Geodetic latitude of the node (WGS84).", ("node", "kind"),
                "emulator"),
     MetricSpec("spacemoe_node_longitude_degrees", "gauge",
-               "Longitude of the node (WGS84), -180 to 180.", ("node", "role"),
+               "Longitude of the node (WGS84), -180 to 180.", ("node", "kind"),
                "emulator"),
     MetricSpec("spacemoe_node_altitude_meters", "gauge",
-               "Height of the node above the WGS84 ellipsoid.", ("node", "role"),
+               "Height of the node above the WGS84 ellipsoid.", ("node", "kind"),
                "emulator"),
     MetricSpec("spacemoe_scenario_time_seconds", "gauge",
                "Scenario clock as seconds since the Unix epoch.", (), "emulator"),
@@ -519,18 +519,18 @@ class NodeCollector(_ArrayCollector):
     def update(
         self,
         names: Sequence[str],
-        roles: Sequence[str],
+        kinds: Sequence[str],
         *,
         lat_deg: Any,
         lon_deg: Any,
         alt_m: Any,
     ) -> None:
-        """Publish node positions; `roles` are "satellite" or "ground"."""
-        identity = (tuple(names), tuple(roles))
+        """Publish node positions; `kinds` are "satellite" or "ground"."""
+        identity = (tuple(names), tuple(kinds))
         if identity != self._identity:
             self._identity = identity
             self._labels = [
-                {"node": n, "role": r} for n, r in zip(names, roles, strict=True)
+                {"node": n, "kind": k} for n, k in zip(names, kinds, strict=True)
             ]
         v = _check_lengths(
             len(names), {"lat_deg": lat_deg, "lon_deg": lon_deg, "alt_m": alt_m}

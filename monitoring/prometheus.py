@@ -14,9 +14,9 @@ Two scrape jobs: ``spacemoe-emulator`` (static, the emulator's central
 exporter) and ``spacemoe`` (file_sd over ``targets/*.json``: satellite
 agents on their management addresses, the inference controller). Targets
 are rewritten atomically, and Prometheus picks the change up through inotify
-without a reload. The file_sd job honours the exporters' labels: they set
-``satellite`` themselves, so the same name on a target does not turn into
-``exported_satellite``.
+without a reload. Both jobs honour the exporters' labels: an exporter that
+sets ``satellite`` or ``kind`` itself keeps it when a target label has the
+same name, instead of seeing it renamed to ``exported_...``.
 
 The query helpers talk HTTP to localhost only; nothing leaves the machine.
 """
@@ -121,6 +121,7 @@ class PrometheusServer:
             "scrape_configs": [
                 {
                     "job_name": EMULATOR_JOB,
+                    "honor_labels": True,
                     "static_configs": [
                         {
                             "targets": [self.emulator_target],
