@@ -272,6 +272,12 @@ def patch_moe_blocks(model: nn.Module) -> dict[int, RoutedMoeBlock]:
     Returns the new blocks by decoder-layer index (the ``layer`` the
     executor and the shards use).
     """
+    family = getattr(getattr(model, "config", None), "model_type", None)
+    if family not in SUPPORTED_FAMILIES:
+        raise CheckpointError(
+            f"model_type {family!r}: only {list(SUPPORTED_FAMILIES)} are known to "
+            "route with a plain softmax top-k router that RoutedMoeBlock can reuse"
+        )
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         raise CheckpointError(

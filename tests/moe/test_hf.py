@@ -18,7 +18,7 @@ import transformers
 from safetensors.torch import save_file
 
 from moe.errors import CheckpointError
-from moe.hf import cut_hf_checkpoint, load_hf_home_model
+from moe.hf import cut_hf_checkpoint, load_hf_home_model, wrap_hf_model
 from moe.model import RoutingDecision, greedy_generate
 from moe.shards import ShardExecutor, load_manifest, load_shard
 
@@ -173,6 +173,23 @@ def test_fused_and_per_expert_layouts_cut_identically(
     assert torch.equal(weights["w1"], experts.gate_up_proj[3, :size])
     assert torch.equal(weights["w3"], experts.gate_up_proj[3, size:])
     assert torch.equal(weights["w2"], experts.down_proj[3])
+
+
+def test_wrapping_a_loaded_model_serves_from_shards(tmp_path: Path) -> None:
+    original = build("qwen2_moe")
+    original.save_pretrained(tmp_path / "src")
+    manifest_path = cut_hf_checkpoint(tmp_path / "src", tmp_path / "shards")
+
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src")
+    served = wrap_hf_model(loaded)
+    assert sorted(served.blocks) == [0, 2]
+    assert not any(".experts." in name for name, _ in loaded.named_parameters())
+
+    ids = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = original(input_ids=ids).logits
+    got = served.forward_logits(ids, ShardExecutor(manifest_path))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 def test_unsupported_family_is_named(tmp_path: Path) -> None:
