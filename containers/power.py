@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from containers.battery import BatteryAgeing
+from containers.battery import KELVIN, SECONDS_PER_YEAR, BatteryAgeing
 from containers.power_config import (
     PowerConfig,
     Tracking,
@@ -56,8 +56,6 @@ from topology.errors import ConfigError
 log = logging.getLogger(__name__)
 
 STEFAN_BOLTZMANN_W_M2_K4 = 5.670374419e-8
-KELVIN = 273.15
-SECONDS_PER_YEAR = 365.25 * 86400.0
 
 # Mean Earth radius: used for the Earth view factor and eclipse fraction.
 EARTH_RADIUS_KM = 6371.0
@@ -204,7 +202,7 @@ class PowerModel:
         self._eta_charge = math.sqrt(c.round_trip_efficiency)
         self._eta_discharge = self._eta_charge
         self._inv_eta_discharge = 1.0 / self._eta_discharge
-        self._charge_w_per_wh = 1.0 / self._eta_charge
+        self._inv_eta_charge = 1.0 / self._eta_charge
         self._charge_loss = 1.0 - self._eta_charge
         self._discharge_loss = 1.0 / self._eta_discharge - 1.0
         self._charge_k = (c.charge_min_c + KELVIN, c.charge_max_c + KELVIN)
@@ -335,7 +333,7 @@ class PowerModel:
         cap = self.capacity_wh
         energy = self.energy_wh
         charge_max = np.minimum(
-            np.maximum((cap * c.soc_max_fraction - energy) * self._charge_w_per_wh
+            np.maximum((cap * c.soc_max_fraction - energy) * self._inv_eta_charge
                        * to_w, 0.0),
             c.max_charge_w,
         )  # fmt: skip

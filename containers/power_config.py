@@ -13,11 +13,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from containers.battery import AgeingParams
+from containers.battery import KELVIN, AgeingParams
 from topology.config import from_dict, spec
 from topology.errors import ConfigError
-
-KELVIN = 273.15
 
 # Accelerator presets: (idle W, busy W).
 ACCELERATORS: dict[str, tuple[float, float]] = {

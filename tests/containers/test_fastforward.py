@@ -13,7 +13,7 @@ from topology.scenario import Scenario, load_scenario
 
 
 def test_result_shapes_records_and_daily_extremes() -> None:
-    orbit = CircularOrbit(n_sats=3, beta_deg=[0.0, 40.0, 80.0])
+    orbit = CircularOrbit(n_sats=3, beta_deg=np.array([0.0, 40.0, 80.0]))
     result = fast_forward(
         Scenario(), 1.5, step_s=60.0, load=0.5, geometry=orbit, max_records=500
     )

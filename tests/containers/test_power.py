@@ -230,7 +230,8 @@ def test_energy_is_conserved() -> None:
     model = PowerModel(PowerConfig(battery_capacity_wh=200.0), n_sats=4)
     e0 = model.energy_wh.copy()
     dt = 20.0
-    solar = load = battery = loss = avail = 0.0
+    zero = np.zeros(4)
+    solar, load, battery, loss, avail = zero, zero, zero, zero, zero
     for i in range(3000):
         out = model.step(
             dt,
