@@ -18,11 +18,13 @@ most 30 s of an orbit's ~35 min shadow on the wrong side.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -101,6 +103,25 @@ class FastForwardResult:
     @property
     def days_per_wall_s(self) -> float:
         return self.days / self.wall_s if self.wall_s > 0 else math.inf
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``power.npz`` (all arrays) and ``power.json`` (summary, config).
+
+        Returns the directory. The JSON holds the effective power
+        configuration, so the run can be repeated.
+        """
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        arrays = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), np.ndarray)
+        }
+        arrays.update({f"counters_{k}": v for k, v in self.counters.items()})
+        np.savez_compressed(path / "power.npz", **arrays)
+        meta = {"summary": self.summary(), "names": self.names, "config": self.config}
+        (path / "power.json").write_text(json.dumps(meta, indent=1) + "\n")
+        return path
 
     def summary(self) -> dict[str, Any]:
         """Plain figures over all satellites (min / median / max)."""

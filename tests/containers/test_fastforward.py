@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -34,6 +37,18 @@ def test_result_shapes_records_and_daily_extremes() -> None:
     assert summary["days_per_wall_s"] > 0
     assert summary["capacity_fade_fraction"]["max"] > 0
     assert result.config["battery_capacity_wh"] == 450.0
+
+
+def test_results_are_saved_with_their_config(tmp_path: Path) -> None:
+    result = fast_forward(Scenario(), 0.05, geometry=CircularOrbit(n_sats=2))
+    result.save(tmp_path / "out")
+    meta = json.loads((tmp_path / "out" / "power.json").read_text())
+    assert meta["names"] == ["c0", "c1"]
+    assert meta["config"]["bus_w"] == 80.0
+    assert meta["summary"]["satellites"] == 2
+    with np.load(tmp_path / "out" / "power.npz") as data:
+        assert data["soc_fraction"].shape == result.soc_fraction.shape
+        assert data["counters_load_wh"].shape == (2,)
 
 
 def test_load_profile_may_vary_in_time() -> None:
