@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,8 +61,8 @@ class TimeConfig:
                 "write it like '2026-03-20T12:00:00Z'"
             ) from None
         if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
-        return when.astimezone(timezone.utc)
+            when = when.replace(tzinfo=UTC)
+        return when.astimezone(UTC)
 
     def validate(self, where: str) -> None:
         self.start()
@@ -175,6 +175,15 @@ class EmulationConfig:
     route_hysteresis_s: float = field(
         default=2e-4,
         metadata=spec(min=0, help="... and at least this many seconds shorter"),
+    )
+    route_refresh_steps: int = field(
+        default=1,
+        metadata=spec(
+            min=1,
+            max=100,
+            help="recompute 1/k of the shortest-path trees per step (plus every "
+            "tree a link change touches); 1 recomputes all every step",
+        ),
     )
     node_prefix: str = field(
         default="198.18.0.0/17", metadata=spec(help="stable /32 node addresses")
