@@ -1,4 +1,4 @@
-"""Brokers and agents for a set of nodes, holding the shards of a placement.
+"""Brokers and agents for a set of nodes, and one inference run over them.
 
 :class:`Deployment` starts one Mosquitto broker per node (in the node's
 namespace, on its data-plane address; or on 127.0.0.1 with a port per node
@@ -8,6 +8,10 @@ subscribed. ``stop()`` ends all of it, also after a failed start.
 
 Home takes part like any node when the placement puts experts there (the
 ground baseline), so it has a broker and an agent too.
+
+:func:`run_inference` is what ``spacemoe infer`` calls: placement from the
+running emulation, deployment, generation with the latency breakdown,
+tear-down.
 """
 
 from __future__ import annotations
@@ -16,13 +20,21 @@ import logging
 import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from containers.broker import Broker
 from containers.launcher import Launcher
-from controller.inference import Endpoint
-from controller.placement import ExpertKey, node_shards
+from controller.inference import Endpoint, MoeConfig, MqttExecutor
+from controller.placement import (
+    ExpertKey,
+    PlacementContext,
+    check_placement,
+    make_policy,
+    node_shards,
+)
 from moe.shards import shard_file_name
-from topology.rundir import namespace_name
+from topology.errors import ConfigError, InferenceError
+from topology.rundir import namespace_name, run_dir
 
 log = logging.getLogger(__name__)
 
@@ -135,3 +147,119 @@ class Deployment:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# -- one inference run over a running emulation --------------------------------
+
+
+def ensure_shards(checkpoint: str | Path | None = None) -> Path:
+    """A shard directory cut from `checkpoint` (default: the shipped one).
+
+    Cut once into ``run_dir()/shards/<first 16 hex of the weights' sha256>``
+    and reused while the checkpoint is unchanged.
+    """
+    from moe.checkpoint import checkpoint_paths, load_checkpoint
+    from moe.shards import MANIFEST_NAME, cut_model, sha256_of_file
+
+    weights_path, _ = checkpoint_paths(checkpoint)
+    if not weights_path.is_file():
+        raise InferenceError(
+            f"model checkpoint {weights_path} not found; train one with "
+            "`python -m moe.train --out moe/checkpoints` or give moe.checkpoint"
+        )
+    directory = run_dir() / "shards" / sha256_of_file(weights_path)[:16]
+    if not (directory / MANIFEST_NAME).is_file():
+        cut_model(load_checkpoint(checkpoint), directory)
+        log.info("cut %s into shards at %s", weights_path.name, directory)
+    return directory
+
+
+def run_inference(
+    prompt: str,
+    n_tokens: int,
+    config: MoeConfig | None = None,
+    *,
+    emulator: Any = None,
+    state_path: Path | None = None,
+    shard_dir: Path | None = None,
+    compare: bool = True,
+) -> dict[str, Any]:
+    """Generate `n_tokens` through the running emulation; return the report.
+
+    The network comes from `emulator` (an Emulator in this process) or else
+    from its state file (default run_dir()/state.json, written by
+    `spacemoe up`). Brokers and agents are started for the nodes the
+    placement uses and stopped afterwards. With `compare`, the
+    single-process model runs on the same tokens for an accuracy check.
+    """
+    from controller.latency import (
+        EmulatorPaths,
+        PathModel,
+        StatePaths,
+        infer,
+        propagation_delays_s,
+    )
+    from moe.checkpoint import load_checkpoint
+    from moe.shards import load_home_model, load_manifest
+
+    config = config or MoeConfig()
+    paths: PathModel
+    if emulator is not None:
+        state = emulator.state()
+        paths = EmulatorPaths(emulator)
+    else:
+        state_path = state_path or run_dir() / "state.json"
+        state_paths = StatePaths.from_file(state_path)
+        state, paths = state_paths.state, state_paths
+    nodes = state["nodes"]
+    satellites = [n["name"] for n in nodes if n["kind"] == "satellite"]
+    stations = [n["name"] for n in nodes if n["kind"] != "satellite"]
+    home = config.home or (stations[0] if stations else None)
+    if home is None or home not in {n["name"] for n in nodes}:
+        raise ConfigError(
+            f"moe.home: {home!r} is not a node of the running scenario; use one of "
+            f"its ground stations {stations}"
+        )
+
+    delays = propagation_delays_s(paths, home, satellites)
+    context = PlacementContext(home, float(state.get("t_s", 0.0)), delays)
+    options = {"k": config.k, "replicas": config.replicas}
+    policy = make_policy(
+        config.placement, **(options if config.placement == "round-robin" else {})
+    )
+    shard_dir = shard_dir or ensure_shards(config.checkpoint)
+    manifest = load_manifest(shard_dir)
+    experts = [(e.layer, e.expert) for e in manifest.shards]
+    placement = policy.place(experts, satellites, context)
+    check_placement(placement, experts, [n["name"] for n in nodes])
+
+    endpoints = {
+        n["name"]: Endpoint(n["name"], str(n["address"]).split("/")[0]) for n in nodes
+    }
+    model = load_home_model(manifest)
+    reference = load_checkpoint(config.checkpoint) if compare else None
+    deployment = Deployment(endpoints, shard_dir, namespaces=True)
+    executor = MqttExecutor(
+        endpoints,
+        placement,
+        namespace=namespace_name(home),
+        attempt_timeout_s=config.attempt_timeout_s,
+        wire_dtype=config.wire_dtype,
+        source_address=endpoints[home].host,
+    )
+    try:
+        deployment.start(placement)
+        executor.connect()
+        report = infer(model, executor, prompt, n_tokens, paths, home, reference)
+    finally:
+        executor.close()
+        deployment.stop()
+    report["scenario"] = state.get("scenario")
+    report["t_s"] = state.get("t_s")
+    report["shaping"] = state.get("shaping")
+    report["policy"] = {"name": policy.name, **options}
+    report["path_delay_s"] = {
+        node: delays.get(node)
+        for node in sorted(set(n for ns in placement.values() for n in ns))
+    }
+    return report

@@ -41,7 +41,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -53,7 +53,8 @@ from containers import wire
 from containers.agent import set_nodelay
 from containers.netns import call_in_namespace
 from controller.placement import ExpertKey, Placement, placement_moves
-from topology.errors import InferenceError, InferenceTimeout
+from topology.config import spec
+from topology.errors import ConfigError, InferenceError, InferenceTimeout
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,45 @@ log = logging.getLogger(__name__)
 # BAD_SHAPE mean our own message is wrong, so a retry elsewhere would fail
 # the same way.
 RETRYABLE = {wire.ErrorCode.UNKNOWN_EXPERT, wire.ErrorCode.INTERNAL}
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """The scenario's ``moe`` section: how inference runs over the constellation."""
+
+    home: str | None = field(
+        default=None,
+        metadata=spec(help="node where requests enter; null: first ground station"),
+    )
+    placement: Literal["ground", "round-robin"] = field(
+        default="round-robin",
+        metadata=spec(help="ground: all experts at home; round-robin: K nearest"),
+    )
+    k: int = field(
+        default=8, metadata=spec(min=1, help="round-robin over this many satellites")
+    )
+    replicas: int = field(
+        default=1, metadata=spec(min=1, help="copies of each expert (failover)")
+    )
+    wire_dtype: Literal["float32", "float16", "bfloat16"] = field(
+        default="float32",
+        metadata=spec(help="element type of rows on the wire; float32 is exact"),
+    )
+    attempt_timeout_s: float = field(
+        default=2.0,
+        metadata=spec(min=0.01, help="wait this long for one replica's reply"),
+    )
+    checkpoint: str | None = field(
+        default=None,
+        metadata=spec(help="model checkpoint to cut into shards; null: shipped one"),
+    )
+
+    def validate(self, where: str) -> None:
+        if self.replicas > self.k:
+            raise ConfigError(
+                f"{where}.replicas: {self.replicas} exceeds k={self.k}; a replica "
+                "needs a satellite of its own"
+            )
 
 
 @dataclass(frozen=True)
@@ -133,9 +173,14 @@ class _BrokerLink:
     """One paho client connected to one node's broker."""
 
     def __init__(
-        self, endpoint: Endpoint, client_id: str, events: queue.SimpleQueue
+        self,
+        endpoint: Endpoint,
+        client_id: str,
+        events: queue.SimpleQueue,
+        source_address: str = "",
     ) -> None:
         self.endpoint = endpoint
+        self.source_address = source_address
         self.node = endpoint.node
         self.client_id = client_id
         self.reply_topic = wire.reply_topic(self.node, client_id)
@@ -158,7 +203,12 @@ class _BrokerLink:
 
     def open(self) -> None:
         """Connect and start the network thread (call inside the namespace)."""
-        self.client.connect_async(self.endpoint.host, self.endpoint.port, keepalive=5)
+        self.client.connect_async(
+            self.endpoint.host,
+            self.endpoint.port,
+            keepalive=5,
+            bind_address=self.source_address,
+        )
         self.client.loop_start()
 
     def _on_connect(
@@ -232,7 +282,10 @@ class MqttExecutor:
     expert) to the nodes holding it, tried in order. `namespace` is the home
     network namespace (None: the caller's). `attempt_timeout_s` bounds each
     attempt; a layer call fails after every replica has had its attempt.
-    `wire_dtype` is the element type of rows on the wire.
+    `wire_dtype` is the element type of rows on the wire. `source_address`
+    binds our end of every connection to home's data-plane address, so the
+    satellites' replies are routed back to it (the emulator routes only node
+    /32s, not the per-link addresses the kernel would otherwise pick).
     """
 
     def __init__(
@@ -244,11 +297,13 @@ class MqttExecutor:
         wire_dtype: str = "float32",
         shard_paths: Mapping[ExpertKey, str] | None = None,
         client_prefix: str = "smoe-home",
+        source_address: str = "",
     ) -> None:
         self._itemsize = wire.wire_dtype(wire_dtype).itemsize
         self.endpoints = dict(endpoints)
         self.placement: Placement = {k: list(v) for k, v in placement.items()}
         self.namespace = namespace
+        self.source_address = source_address
         self.attempt_timeout_s = attempt_timeout_s
         self.wire_dtype = wire_dtype
         self.shard_paths = dict(shard_paths or {})
@@ -278,7 +333,10 @@ class MqttExecutor:
                     f"{sorted(self.endpoints)[:10]}"
                 )
             self._links[node] = _BrokerLink(
-                self.endpoints[node], f"{self.client_prefix}-{node}", self._events
+                self.endpoints[node],
+                f"{self.client_prefix}-{node}",
+                self._events,
+                self.source_address,
             )
 
         def open_all() -> None:

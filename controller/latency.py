@@ -32,11 +32,13 @@ are over the decode steps only.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -81,13 +83,32 @@ class LoopbackPaths:
 class StatePaths:
     """Paths from an emulator state dict (the form of run_dir()/state.json).
 
-    Uses the routes the emulator recorded if the state has them (key
-    "paths": {"SRC": {"DST": [nodes...]}}); otherwise the delay-shortest
-    path over the links that are up, as the emulator's router would pick
-    without hysteresis.
+    Uses the routes the emulator recorded ("paths": {SRC: {DST: [nodes]}},
+    kept from each ground station; the way back is taken as the reverse,
+    which holds while the routes are symmetric) and otherwise the
+    delay-shortest path over the links that are up, as the router would
+    pick without hysteresis. With `path` given, :meth:`refresh` rereads the
+    file when the emulator has rewritten it.
     """
 
-    def __init__(self, state: Mapping[str, Any]) -> None:
+    def __init__(self, state: Mapping[str, Any], path: Path | None = None) -> None:
+        self.path = path
+        self._mtime_ns = path.stat().st_mtime_ns if path is not None else 0
+        self._load(state)
+
+    @classmethod
+    def from_file(cls, path: Path) -> StatePaths:
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InferenceError(
+                f"cannot read the emulator state {path} ({exc}); is an emulation "
+                "running (`spacemoe up`)?"
+            ) from None
+        return cls(state, path)
+
+    def _load(self, state: Mapping[str, Any]) -> None:
+        self.state = state
         self.names = [node["name"] for node in state["nodes"]]
         self.index = {name: i for i, name in enumerate(self.names)}
         self.links: dict[tuple[str, str], tuple[float, float]] = {}
@@ -99,6 +120,18 @@ class StatePaths:
             self.links[(link["b"], link["a"])] = figures
         self.recorded = state.get("paths") or {}
         self._pred: dict[str, np.ndarray] = {}
+
+    def refresh(self) -> None:
+        """Reread the state file if it changed since it was read."""
+        if self.path is None:
+            return
+        try:
+            mtime_ns = self.path.stat().st_mtime_ns
+            if mtime_ns != self._mtime_ns:
+                self._load(json.loads(self.path.read_text()))
+                self._mtime_ns = mtime_ns
+        except (OSError, json.JSONDecodeError):
+            pass  # mid-rename or gone: keep the last good picture
 
     def _shortest(self, src: str, dst: str) -> list[str]:
         if src not in self._pred:
@@ -123,13 +156,46 @@ class StatePaths:
     def hops(self, src: str, dst: str) -> list[Hop]:
         if src == dst:
             return []
-        nodes = self.recorded.get(src, {}).get(dst) or self._shortest(src, dst)
+        nodes = self.recorded.get(src, {}).get(dst)
+        if not nodes:
+            back = self.recorded.get(dst, {}).get(src)
+            nodes = list(reversed(back)) if back else self._shortest(src, dst)
         if not nodes:
             raise InferenceError(f"no path from {src} to {dst} in the emulator state")
         hops = []
         for a, b in zip(nodes, nodes[1:], strict=False):
+            if (a, b) not in self.links:
+                raise InferenceError(
+                    f"the path {src}->{dst} uses link {a}-{b}, which is down in the "
+                    "emulator state"
+                )
             delay_s, rate_bps = self.links[(a, b)]
             hops.append(Hop(a, b, delay_s, rate_bps))
+        return hops
+
+
+class EmulatorPaths:
+    """Paths from an Emulator running in this process (its applied state)."""
+
+    def __init__(self, emulator: Any) -> None:
+        self.emulator = emulator
+
+    def hops(self, src: str, dst: str) -> list[Hop]:
+        emulator = self.emulator
+        nodes = emulator.path(src, dst)
+        if not nodes:
+            raise InferenceError(f"no route from {src} to {dst} at t={emulator.t_s} s")
+        hops = []
+        for a, b in zip(nodes, nodes[1:], strict=False):
+            link_id = emulator.link_of[emulator.node_index(a), emulator.node_index(b)]
+            hops.append(
+                Hop(
+                    a,
+                    b,
+                    float(emulator.link_delay_s[link_id]),
+                    float(emulator.link_rate_bps[link_id]),
+                )
+            )
         return hops
 
 
@@ -320,6 +386,9 @@ def _row(
     label: str, t0: float, executor: MqttExecutor, paths: PathModel, home: str
 ) -> dict[str, Any]:
     total_s = time.perf_counter() - t0
+    refresh = getattr(paths, "refresh", None)
+    if refresh is not None:
+        refresh()
     row = {"step": label, **token_row(total_s, executor.take_records(), paths, home)}
     return row
 
