@@ -38,7 +38,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.exposition import start_http_server
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
@@ -771,7 +777,12 @@ def serve(registry: CollectorRegistry, addr: str, port: int) -> Exporter:
     Port 0 picks a free port (see ``Exporter.port``). Bind to a management
     or loopback address, never 0.0.0.0: nothing may listen beyond the
     testbed.
+
+    Serving turns off prometheus_client's ``*_created`` series for the whole
+    process: they would double the series of every labelled counter and
+    histogram, and Prometheus 2.42 stores them as plain gauges nobody reads.
     """
+    disable_created_metrics()
     return Exporter(registry, addr, port)
 
 

@@ -190,7 +190,7 @@ def _timeline(ax: Axes, panel: Panel, series: list[_Series], span: float) -> Non
     With `panel.state`, bars are coloured by that label (e.g. the node that
     holds an expert), so a change of colour along a row is a migration.
     """
-    row_of = {}
+    row_of: dict[str, int] = {}
     states: dict[str, str] = {}
     for s in sorted(series, key=lambda s: _natural(s.label)):
         key = format_legend(panel.rows, s.labels) if panel.rows else s.label
@@ -328,8 +328,14 @@ def ground_track_map(
 
     sats = [(lon, lat) for lat, lon, kind in nodes.values() if kind == "satellite"]
     if sats:
-        ax.scatter(*zip(*sats, strict=True), s=12, color="black", zorder=3,
-                   label="satellite")  # fmt: skip
+        ax.scatter(
+            [lon for lon, _ in sats],
+            [lat for _, lat in sats],
+            s=12,
+            color="black",
+            zorder=3,
+            label="satellite",
+        )
     ground = [(n, v) for n, v in nodes.items() if v[2] != "satellite"]
     if ground:
         ax.scatter(

@@ -64,7 +64,7 @@ def test_dashboard_structure() -> None:
         model = json.loads(json.dumps(dashboard_json(dashboard)))
         ids = [p["id"] for p in model["panels"]]
         assert len(ids) == len(set(ids))
-        boxes = set()
+        boxes: set[tuple[int, int]] = set()
         for panel in model["panels"]:
             grid = panel["gridPos"]
             assert grid["x"] + grid["w"] <= 24
