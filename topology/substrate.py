@@ -71,6 +71,10 @@ from topology.shaping import (
 log = logging.getLogger(__name__)
 
 MGMT_BRIDGE = f"{PREFIX}-mgmt"
+# A Linux bridge takes at most 1,024 ports (BR_MAX_PORTS); beyond that the
+# management network continues on further bridges, each joined to the
+# first by a veth trunk (a star, so no loops and no STP).
+PORTS_PER_BRIDGE = 1000
 MGMT_IFINDEX = 99_999
 Direction = Literal["ab", "ba"]
 
@@ -253,6 +257,8 @@ class KernelSubstrate(Substrate):
         self.root: Namespace | None = None
         self.delayline: Any = None
         self.bridge_index: int | None = None
+        self._bridges: list[tuple[str, int]] = []
+        self._bridge_ports = 0
         self._mgmt_ports: list[str] = []
         self._node_count = 0
 
@@ -285,9 +291,7 @@ class KernelSubstrate(Substrate):
 
     def _make_bridge(self, address: ipaddress.IPv4Interface) -> None:
         assert self.root is not None
-        self.root.send([rtnl.bridge_add(MGMT_BRIDGE)], [f"create bridge {MGMT_BRIDGE}"])
-        self.bridge_index = _ifindex(MGMT_BRIDGE)
-        _disable_ipv6_root(MGMT_BRIDGE)
+        self.bridge_index = self._new_bridge(MGMT_BRIDGE)
         self.root.send(
             [
                 rtnl.addr_add(
@@ -297,6 +301,74 @@ class KernelSubstrate(Substrate):
             ],
             [f"address {address} on {MGMT_BRIDGE}", f"set {MGMT_BRIDGE} up"],
         )
+
+    def _new_bridge(self, name: str) -> int:
+        assert self.root is not None
+        self.root.send([rtnl.bridge_add(name)], [f"create bridge {name}"])
+        index = _ifindex(name)
+        self._bridges.append((name, index))
+        self._bridge_ports = 0
+        _disable_ipv6_root(name)
+        return index
+
+    def _bridge_with_room(self) -> int:
+        """The bridge that takes the next management port (a new one if full)."""
+        assert self.root is not None and self.bridge_index is not None
+        if self._bridge_ports < PORTS_PER_BRIDGE:
+            return self._bridges[-1][1]
+        number = len(self._bridges)
+        index = self._new_bridge(f"{MGMT_BRIDGE}{number}")
+        trunk, far = f"{PREFIX}-mt{number}a", f"{PREFIX}-mt{number}b"
+        self.root.send(
+            [rtnl.veth_add(trunk, 0, None, far, 0, None)],
+            [f"create management trunk {trunk}"],
+        )
+        self._mgmt_ports.append(trunk)
+        for name in (trunk, far):
+            _disable_ipv6_root(name)
+        self.root.send(
+            [
+                rtnl.link_set(name=trunk, up=True, master=self.bridge_index),
+                rtnl.link_set(name=far, up=True, master=index),
+                rtnl.link_set(index, up=True),
+            ],
+            [f"attach {trunk}", f"attach {far}", "set bridge up"],
+        )
+        return index
+
+    def _new_bridge(self, name: str) -> int:
+        assert self.root is not None
+        self.root.send([rtnl.bridge_add(name)], [f"create bridge {name}"])
+        index = _ifindex(name)
+        self._bridges.append((name, index))
+        self._bridge_ports = 0
+        _disable_ipv6_root(name)
+        return index
+
+    def _bridge_with_room(self) -> int:
+        """The bridge that takes the next management port (a new one if full)."""
+        assert self.root is not None and self.bridge_index is not None
+        if self._bridge_ports < PORTS_PER_BRIDGE:
+            return self._bridges[-1][1]
+        number = len(self._bridges)
+        index = self._new_bridge(f"{MGMT_BRIDGE}{number}")
+        trunk, far = f"{PREFIX}-mt{number}a", f"{PREFIX}-mt{number}b"
+        self.root.send(
+            [rtnl.veth_add(trunk, 0, None, far, 0, None)],
+            [f"create management trunk {trunk}"],
+        )
+        self._mgmt_ports.append(trunk)
+        for name in (trunk, far):
+            _disable_ipv6_root(name)
+        self.root.send(
+            [
+                rtnl.link_set(name=trunk, up=True, master=self.bridge_index),
+                rtnl.link_set(name=far, up=True, master=index),
+                rtnl.link_set(index, up=True),
+            ],
+            [f"attach {trunk}", f"attach {far}", "set bridge up"],
+        )
+        return index
 
     def helper_pids(self) -> list[int]:
         return list(self.delayline.pids) if self.delayline is not None else []
@@ -356,10 +428,12 @@ class KernelSubstrate(Substrate):
         )
         self._mgmt_ports.append(port)
         _disable_ipv6_root(port)
+        bridge = self._bridge_with_room()
         self.root.send(
-            [rtnl.link_set(name=port, up=True, master=self.bridge_index)],
-            [f"attach {port} to {MGMT_BRIDGE}"],
+            [rtnl.link_set(name=port, up=True, master=bridge)],
+            [f"attach {port} to the management bridge"],
         )
+        self._bridge_ports += 1
         address = node.management
         namespace.send(
             [
@@ -581,13 +655,13 @@ class KernelSubstrate(Substrate):
             # namespaces, but only once the kernel frees those; delete them
             # now so no smoe link outlives down().
             doomed = [rtnl.link_del(name=p) for p in self._mgmt_ports]
-            if self.bridge_index is not None:
-                doomed.append(rtnl.link_del(self.bridge_index))
+            doomed += [rtnl.link_del(index) for _, index in self._bridges]
             failures = self.root.channel.transact(doomed)
             for failure in failures:
                 if failure.errno not in (errno.ENODEV, errno.ENOENT):
                     errors.append(EmulationError(f"root links: {failure.describe()}"))
             self._mgmt_ports.clear()
+            self._bridges.clear()
             self.bridge_index = None
             self.root.close()
             self.root = None
@@ -627,6 +701,11 @@ def ensure_neighbour_capacity(entries: int) -> None:
         "gc_thresh2": 2 * entries,
         "gc_thresh3": 4 * entries,
     }
+    if not base.exists():
+        # Only the initial namespace has these knobs (they are host-wide);
+        # inside a container there is nothing to raise.
+        log.debug("no %s here; neighbour thresholds left to the host", base)
+        return
     for key, value in wanted.items():
         path = base / key
         current = int(path.read_text())

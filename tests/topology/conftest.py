@@ -1,0 +1,58 @@
+"""Fixtures for the emulation tests.
+
+`net_sandbox` moves the test process into a private network namespace and
+a private mount namespace (with its own empty /run/netns and /sys) for the
+duration of a test module. The emulator's "root" namespace is then a
+scratch one: its management bridge, its ``smoe-*`` namespaces and a
+``clean()`` inside see nothing of a scenario someone else runs on the same
+machine, and nothing leaks out if a test fails half-way. Processes the
+tests start inherit both namespaces.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from collections.abc import Iterator
+
+import pytest
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWNET = 0x40000000
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"{what}: {os.strerror(code)}")
+
+
+@pytest.fixture(scope="module")
+def net_sandbox() -> Iterator[None]:
+    """Private network and mount namespaces for this module's root tests."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (network namespaces)")
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    saved_net = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    saved_mnt = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY)
+    cwd = os.getcwd()
+    _check(libc.unshare(CLONE_NEWNS | CLONE_NEWNET), "unshare")
+    try:
+        _check(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "private /")
+        os.makedirs("/run/netns", exist_ok=True)
+        _check(libc.mount(b"tmpfs", b"/run/netns", b"tmpfs", 0, None), "/run/netns")
+        _check(libc.mount(b"sysfs", b"/sys", b"sysfs", 0, None), "/sys")
+        yield
+    finally:
+        _check(libc.setns(saved_mnt, CLONE_NEWNS), "setns back (mount)")
+        _check(libc.setns(saved_net, CLONE_NEWNET), "setns back (net)")
+        os.close(saved_mnt)
+        os.close(saved_net)
+        os.chdir(cwd)
+        import topology.netns
+
+        # The sandbox's /run/netns was prepared, the host's maybe not.
+        topology.netns._netns_dir_ready = False
