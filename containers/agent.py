@@ -25,7 +25,8 @@ agent keeps serving.
 Busy time: the wall time from taking a request to handing its reply to the
 client is accumulated in ``stats()["busy_s"]`` and, if given, reported to
 ``on_busy(start_monotonic_s, busy_s)`` after every request: the hook the
-power model uses.
+power model uses. ``metrics`` (e.g. monitoring.metrics.SatelliteMetrics)
+receives every request's outcome and the shard count for Prometheus.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 import torch
@@ -59,6 +60,23 @@ LATENCY_WINDOW = 1024
 BusyHook = Callable[[float, float], None]
 
 
+class RequestObserver(Protocol):
+    """What the agent reports to a metrics exporter (SatelliteMetrics fits)."""
+
+    def observe_request(
+        self,
+        layer: int,
+        expert: int,
+        status: str,
+        duration_s: float,
+        busy_s: float,
+        bytes_in: int,
+        bytes_out: int,
+    ) -> None: ...
+
+    def set_shards(self, count: int, total_bytes: int) -> None: ...
+
+
 class Agent:
     """The expert server of one node (see the module docstring).
 
@@ -75,8 +93,10 @@ class Agent:
         on_busy: BusyHook | None = None,
         keepalive_s: int = 5,
         on_ready: Callable[[], None] | None = None,
+        metrics: RequestObserver | None = None,
     ) -> None:
         self.node = node
+        self.metrics = metrics
         self.host = host
         self.port = port
         self.shard_dir = Path(shard_dir).resolve()
@@ -281,6 +301,15 @@ class Agent:
             self._latencies_s.append(busy_s)
         if self.on_busy is not None:
             self.on_busy(started, busy_s)
+        if self.metrics is not None:
+            try:
+                _, layer, expert = wire.parse_request_topic(msg.topic)
+            except wire.WireError:
+                layer, expert = -1, -1
+            status = "ok" if reply[5] == wire.Kind.REPLY else "error"
+            self.metrics.observe_request(
+                layer, expert, status, busy_s, busy_s, len(msg.payload), len(reply)
+            )
 
     def handle_request(self, topic: str, payload: bytes | bytearray) -> bytes:
         """The reply payload (REPLY or ERROR) for one request payload."""
@@ -393,6 +422,7 @@ class Agent:
         if command.op == "unload":
             held = self.shards.pop(key, None) is not None
             self.shard_sha256.pop(key, None)
+            self._report_shards()
             log.info("agent %s unloaded layer %s expert %s", self.node, *key)
             return {"layer": key[0], "expert": key[1], "was_loaded": held}
 
@@ -426,10 +456,20 @@ class Agent:
         weights = load_shard(entry)
         self.shards[(layer, expert)] = {k: v.float() for k, v in weights.items()}
         self.shard_sha256[(layer, expert)] = entry.sha256
+        self._report_shards()
         log.info(
             "agent %s loaded layer %s expert %s from %s", self.node, layer, expert, path
         )
         return entry.sha256
+
+    def _report_shards(self) -> None:
+        if self.metrics is not None:
+            total = sum(
+                t.numel() * t.element_size()
+                for w in self.shards.values()
+                for t in w.values()
+            )
+            self.metrics.set_shards(len(self.shards), total)
 
     def _manifest_entry(self, layer: int, expert: int) -> Any:
         if self._manifest is None:

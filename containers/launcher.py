@@ -340,12 +340,27 @@ def _serve_agent(spec: dict[str, Any], ready_fd: int, enter_namespace: Any) -> i
 
     if spec.get("namespace"):
         enter_namespace(spec["namespace"])
+    metrics = None
+    if spec.get("metrics_addr"):
+        # Served on the node's management address, never on the data plane.
+        from prometheus_client import CollectorRegistry
+
+        from monitoring.metrics import AGENT_METRICS_PORT, SatelliteMetrics, serve
+
+        registry = CollectorRegistry()
+        metrics = SatelliteMetrics(registry, spec["node"])
+        serve(
+            registry,
+            spec["metrics_addr"],
+            int(spec.get("metrics_port") or AGENT_METRICS_PORT),
+        )
     agent = Agent(
         spec["node"],
         spec["host"],
         int(spec["port"]),
         spec["shard_dir"],
         on_ready=lambda: _tell(ready_fd, b"ready\n"),
+        metrics=metrics,
     )
     for layer, expert, path in spec.get("shards", []):
         agent.load(int(layer), int(expert), str(path))
@@ -443,8 +458,14 @@ class Launcher:
         shard_dir: str | Path,
         namespace: str | None = None,
         shards: list[tuple[int, int, str]] | None = None,
+        metrics_addr: str | None = None,
+        metrics_port: int | None = None,
     ) -> int:
-        """Fork an agent for `node`; returns its pid (see wait_ready)."""
+        """Fork an agent for `node`; returns its pid (see wait_ready).
+
+        With `metrics_addr` the agent serves Prometheus metrics there
+        (monitoring.metrics.SatelliteMetrics; port default AGENT_METRICS_PORT).
+        """
         spec = {
             "op": "spawn",
             "node": node,
@@ -453,6 +474,8 @@ class Launcher:
             "shard_dir": str(shard_dir),
             "namespace": namespace,
             "shards": [list(s) for s in shards or []],
+            "metrics_addr": metrics_addr,
+            "metrics_port": metrics_port,
         }
         pid: int = self._call(spec)["pid"]
         return pid

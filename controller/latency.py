@@ -17,7 +17,7 @@ network_s          propagation plus transmission over the path the emulator
                    included): per hop delay_s + bits / rate_bps for the
                    first packet, then the rest of the packets at the
                    bottleneck rate.
-broker_s           the remainder of the round trip: two broker hops,
+queueing_s         the remainder of the round trip: two broker hops,
                    paho's threads, scheduling, queueing in the shaper. Can
                    be slightly negative when the emulator's real delay falls
                    short of the model.
@@ -49,7 +49,7 @@ from scipy.sparse.csgraph import dijkstra
 from controller.inference import LayerRecord, MqttExecutor, RequestRecord
 from controller.placement import Placement, placement_to_json
 from moe.model import MoeLM
-from topology.errors import InferenceError
+from topology.errors import InferenceError, InferenceTimeout
 
 # Per-packet framing on a veth link: Ethernet 14 + IPv4 20 + TCP 20 + TCP
 # timestamps 12. MSS for a 1500-byte MTU with timestamps.
@@ -65,6 +65,29 @@ class Hop:
     dst: str
     delay_s: float
     rate_bps: float
+
+
+# The parts of a step's time, as named in rows and in the Prometheus
+# component label (without the "_s").
+COMPONENTS = (
+    "home_compute_s",
+    "expert_compute_s",
+    "serialization_s",
+    "network_s",
+    "queueing_s",
+)
+
+
+class TokenObserver(Protocol):
+    """Where per-token figures go (monitoring.metrics.InferenceMetrics fits)."""
+
+    def observe_token(
+        self, latency_s: float, components_s: Mapping[str, float], transfer_bytes: int
+    ) -> None: ...
+
+    def count_prompt_tokens(self, n: int) -> None: ...
+
+    def request_done(self, status: str, duration_s: float) -> None: ...
 
 
 class PathModel(Protocol):
@@ -259,7 +282,7 @@ def token_row(
 ) -> dict[str, Any]:
     """The breakdown of one step (see the module docstring)."""
     parts = dict.fromkeys(
-        ("expert_compute_s", "serialization_s", "network_s", "broker_s"), 0.0
+        ("expert_compute_s", "serialization_s", "network_s", "queueing_s"), 0.0
     )
     layer_wall_s = 0.0
     bound_experts_s = 0.0
@@ -279,7 +302,7 @@ def token_row(
         parts["expert_compute_s"] += c.agent_compute_s
         parts["serialization_s"] += serial_home + c.agent_decode_s + c.agent_encode_s
         parts["network_s"] += network
-        parts["broker_s"] += c.round_trip_s - agent - network
+        parts["queueing_s"] += c.round_trip_s - agent - network
 
         slowest = 0.0
         for r in layer.requests:
@@ -328,6 +351,7 @@ def infer(
     home: str,
     reference: MoeLM | None = None,
     on_step: Callable[[int, MqttExecutor], None] | None = None,
+    metrics: TokenObserver | None = None,
 ) -> dict[str, Any]:
     """Greedy generation through `executor`, with a per-token breakdown.
 
@@ -335,8 +359,44 @@ def infer(
     `reference`, if given, is run in process on the same prompt for
     comparison (tokens must match; the largest logit difference is
     reported). `on_step(i, executor)` runs before decode step i, e.g. to
-    change the placement mid-run. Returns a JSON-able report.
+    change the placement mid-run. `metrics` (e.g. monitoring.metrics.
+    InferenceMetrics) gets every step's breakdown and the request's outcome.
+    Returns a JSON-able report.
     """
+    started = time.perf_counter()
+    try:
+        report = _generate(model, executor, prompt, n_tokens, paths, home, on_step)
+    except InferenceError as exc:
+        if metrics is not None:
+            status = "timeout" if isinstance(exc, InferenceTimeout) else "error"
+            metrics.request_done(status, time.perf_counter() - started)
+        raise
+    if metrics is not None:
+        metrics.count_prompt_tokens(len(prompt.encode("utf-8")))
+        for row in report["rows"]:
+            metrics.observe_token(
+                row["total_s"],
+                {name[:-2]: row[name] for name in COMPONENTS},
+                row["payload_bytes"],
+            )
+        metrics.request_done("ok", time.perf_counter() - started)
+    if reference is not None:
+        report["reference"] = compare_with_reference(
+            reference, prompt.encode("utf-8"), report["tokens"], report.pop("_logits")
+        )
+    report.pop("_logits", None)
+    return report
+
+
+def _generate(
+    model: MoeLM,
+    executor: MqttExecutor,
+    prompt: str,
+    n_tokens: int,
+    paths: PathModel,
+    home: str,
+    on_step: Callable[[int, MqttExecutor], None] | None,
+) -> dict[str, Any]:
     if n_tokens < 1:
         raise InferenceError(f"n_tokens={n_tokens}: ask for at least one token")
     prompt_bytes = prompt.encode("utf-8")
@@ -374,11 +434,8 @@ def infer(
         "wire_dtype": executor.wire_dtype,
         "rows": rows,
         "summary": summarize(rows),
+        "_logits": logits_seen,
     }
-    if reference is not None:
-        report["reference"] = compare_with_reference(
-            reference, prompt_bytes, tokens, logits_seen
-        )
     return report
 
 
@@ -401,13 +458,7 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         values = [float(r[key]) for r in steps if r[key] is not None]
         summary[f"{key}_p50"] = percentile(values, 0.50)
         summary[f"{key}_p95"] = percentile(values, 0.95)
-    for key in (
-        "home_compute_s",
-        "expert_compute_s",
-        "serialization_s",
-        "network_s",
-        "broker_s",
-    ):
+    for key in COMPONENTS:
         summary[f"{key}_mean"] = statistics.fmean(float(r[key]) for r in steps)
     summary["payload_bytes_per_token"] = statistics.fmean(
         r["payload_bytes"] for r in steps
@@ -449,7 +500,7 @@ def format_report(report: Mapping[str, Any]) -> str:
     ms = 1e3
     head = (
         f"{'step':>8} {'tok':>4} {'total':>8} {'home':>7} {'expert':>7} "
-        f"{'serial':>7} {'network':>8} {'broker':>7} {'bound':>8} {'ratio':>6} "
+        f"{'serial':>7} {'network':>8} {'queue':>7} {'bound':>8} {'ratio':>6} "
         f"{'bytes':>7}"
     )
     lines = [
@@ -465,7 +516,7 @@ def format_report(report: Mapping[str, Any]) -> str:
             f"{r['total_s'] * ms:8.2f} "
             f"{r['home_compute_s'] * ms:7.2f} {r['expert_compute_s'] * ms:7.2f} "
             f"{r['serialization_s'] * ms:7.2f} {r['network_s'] * ms:8.2f} "
-            f"{r['broker_s'] * ms:7.2f} {r['bound_s'] * ms:8.2f} {ratio:>6} "
+            f"{r['queueing_s'] * ms:7.2f} {r['bound_s'] * ms:8.2f} {ratio:>6} "
             f"{r['payload_bytes']:7d}"
         )
     s = report["summary"]
@@ -483,7 +534,7 @@ def format_report(report: Mapping[str, Any]) -> str:
         f"mean home {fmt(s['home_compute_s_mean'])}, expert "
         f"{fmt(s['expert_compute_s_mean'])}, serialization "
         f"{fmt(s['serialization_s_mean'])}, network {fmt(s['network_s_mean'])}, "
-        f"broker {fmt(s['broker_s_mean'])} ms; "
+        f"queueing {fmt(s['queueing_s_mean'])} ms; "
         f"{s['payload_bytes_per_token']:.0f} payload bytes/token; "
         f"retries {s['retries']}"
     )

@@ -244,3 +244,50 @@ def test_stop_publishes_offline(tiny_shards: tuple[MoeLM, Path]) -> None:
         if requester is not None:
             requester.close()
         broker.stop()
+
+
+def test_metrics_hook_counts_requests_and_shards(
+    tiny_shards: tuple[MoeLM, Path],
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from monitoring.metrics import SatelliteMetrics
+
+    model, shard_dir = tiny_shards
+    registry = CollectorRegistry()
+    port = free_port()
+    broker = Broker(NODE, "127.0.0.1", port, namespace=None).start()
+    agent = Agent(
+        NODE, "127.0.0.1", port, shard_dir, metrics=SatelliteMetrics(registry, NODE)
+    )
+    requester = None
+    try:
+        agent.load(0, 1, shard_file_name(0, 1))
+        agent.start()
+        requester = Requester(port)
+        rows = torch.randn(2, model.cfg.d_model)
+        requester.ask(
+            wire.request_topic(NODE, 0, 1), wire.encode_request(1, 0, 1, rows)
+        )
+        requester.ask(
+            wire.request_topic(NODE, 0, 2), wire.encode_request(2, 0, 2, rows)
+        )
+    finally:
+        if requester is not None:
+            requester.close()
+        agent.stop()
+        broker.stop()
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, {"satellite": NODE, **labels})
+
+    assert (
+        value("spacemoe_expert_requests_total", layer="0", expert="1", status="ok") == 1
+    )
+    assert (
+        value("spacemoe_expert_requests_total", layer="0", expert="2", status="error")
+        == 1
+    )
+    assert value("spacemoe_expert_shards_loaded") == 1
+    assert value("spacemoe_expert_shard_bytes") == 3 * 32 * 64 * 4
+    assert value("spacemoe_expert_payload_bytes_total", direction="in") > 2 * 2 * 32 * 4

@@ -15,12 +15,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from controller.deployment import Deployment, loopback_endpoints
 from controller.inference import MqttExecutor
 from controller.latency import LoopbackPaths, format_report, infer
 from controller.placement import GroundPolicy, PlacementContext, RoundRobinPolicy
 from moe.model import MoeLM
+from monitoring.metrics import InferenceMetrics
 from tests.containers.support import TINY
 from topology.errors import InferenceError, InferenceTimeout
 
@@ -57,9 +59,11 @@ def test_generation_over_mqtt_matches_the_single_process_model(
 ) -> None:
     model, shard_dir = tiny_shards
     placement = RoundRobinPolicy(k=4).place(EXPERTS, SATS, CONTEXT)
+    registry = CollectorRegistry()
+    metrics = InferenceMetrics(registry)
     with deployed(shard_dir, placement) as (_, executor):
         report = infer(
-            model, executor, PROMPT, 16, LoopbackPaths(), HOME, reference=model
+            model, executor, PROMPT, 16, LoopbackPaths(), HOME, model, metrics=metrics
         )
     assert report["reference"]["tokens_identical"]
     assert report["reference"]["max_abs_logit_diff"] <= 1e-5
@@ -73,13 +77,21 @@ def test_generation_over_mqtt_matches_the_single_process_model(
             "expert_compute_s",
             "serialization_s",
             "network_s",
-            "broker_s",
+            "queueing_s",
         )
     )
     assert parts == pytest.approx(row["total_s"], rel=1e-9)
     assert row["expert_compute_s"] > 0 and row["payload_bytes"] > 0
     assert report["summary"]["retries"] == 0
     assert "decode p50" in format_report(report)
+    tokens = registry.get_sample_value(
+        "spacemoe_inference_tokens_total", {"phase": "generated"}
+    )
+    assert tokens == 16
+    assert (
+        registry.get_sample_value("spacemoe_inference_requests_total", {"status": "ok"})
+        == 1
+    )
 
 
 def test_ground_baseline_runs_the_same_wire_path_at_home(
