@@ -1,14 +1,14 @@
-"""Entering a node's network namespace from Python.
+"""Entering a node's network namespace by name, for agents and the controller.
 
-Python 3.11 has no ``os.setns``, so this calls libc's ``setns(2)`` through
-ctypes. A network namespace switch applies to the calling thread only, and a
-thread created afterwards inherits the namespace of the thread that created
-it; a socket stays in the namespace it was created in, whichever thread then
-uses it. :func:`call_in_namespace` uses this to open sockets inside a node's
-namespace from a short-lived thread, leaving the caller's thread where it
-was.
+The system call itself is topology.netns.setns (libc ``setns(2)`` through
+ctypes; Python 3.11 has no ``os.setns``). A network namespace switch applies
+to the calling thread only, and a thread created afterwards inherits the
+namespace of the thread that created it; a socket stays in the namespace it
+was created in, whichever thread then uses it. :func:`call_in_namespace`
+uses this to open sockets inside a node's namespace from a short-lived
+thread, leaving the caller's thread where it was.
 
-Namespaces are the named ones of ``ip netns`` (``/var/run/netns/NAME``);
+Namespaces are the named ones of ``ip netns`` (``/run/netns/NAME``);
 entering one needs CAP_SYS_ADMIN.
 """
 
@@ -19,13 +19,11 @@ import ctypes.util
 import os
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import TypeVar
 
 from topology.errors import EmulationError
+from topology.netns import NETNS_DIR, setns
 
-NETNS_DIR = Path("/var/run/netns")
-CLONE_NEWNET = 0x40000000
 PR_SET_PDEATHSIG = 1
 
 T = TypeVar("T")
@@ -44,12 +42,12 @@ def enter_namespace(namespace: str) -> None:
             f"({exc.strerror}); is the emulation up (`spacemoe up`)?"
         ) from None
     try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise EmulationError(
-                f"setns into {namespace!r} failed: {os.strerror(err)}; "
-                "entering a namespace needs root (CAP_SYS_ADMIN)"
-            )
+        setns(fd)
+    except EmulationError as exc:
+        raise EmulationError(
+            f"cannot enter network namespace {namespace!r} ({exc}); entering a "
+            "namespace needs root (CAP_SYS_ADMIN)"
+        ) from None
     finally:
         os.close(fd)
 
