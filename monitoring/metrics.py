@@ -23,11 +23,11 @@ metrics`: one prefix (``spacemoe_``), base units in the name (``_seconds``,
 - Latitude and longitude are ``_degrees``: Prometheus names no base unit for
   angles, and maps (Grafana's geomap, the PNG report) want degrees.
 
-Per-link and per-satellite arrays are exported by custom collectors that
-turn numpy arrays into metric families at scrape time (see
-:class:`LinkCollector`); with thousands of links this costs a fraction of
-what one labelled child per link and metric costs on every update
-(`benchmarks/monitoring_links.py` prints the figures).
+Per-link, per-node and per-satellite arrays are exported by custom
+collectors (:class:`LinkCollector` and its siblings) that keep each entry's
+rendered labels and render a scrape from arrays (`monitoring.exposition`);
+with thousands of links this costs a fraction of one labelled child per
+link and metric (`benchmarks/bench_monitoring.py` prints the figures).
 """
 
 from __future__ import annotations
@@ -38,19 +38,28 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    disable_created_metrics,
-)
-from prometheus_client.exposition import start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
-from prometheus_client.samples import Sample
 
-from topology.errors import EmulationError
+# serve and Exporter live with the fast text exposition; re-exported here so
+# exporters need one import.
+from monitoring.exposition import ArrayFamily, Exporter, LabelRows, serve
+
+__all__ = [
+    "METRICS",
+    "EmulatorMetrics",
+    "Exporter",
+    "InferenceMetrics",
+    "LinkCollector",
+    "NodeCollector",
+    "PlacementCollector",
+    "PowerCollector",
+    "SatelliteMetrics",
+    "metric_table",
+    "serve",
+    "spec",
+]
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +276,12 @@ def _family(name: str) -> Metric:
     return Metric(s.base, s.help, s.kind)
 
 
+def _fill(name: str, rows: LabelRows, values: list[float]) -> ArrayFamily:
+    """Family `name` with one sample per (label row, value)."""
+    s = spec(name)
+    return ArrayFamily(s.base, s.help, s.kind, rows, values)
+
+
 def _check_lengths(n: int, arrays: Mapping[str, Any]) -> dict[str, list[float]]:
     """Each array as a list of floats, after checking it has `n` entries."""
     out = {}
@@ -288,7 +303,7 @@ class _ArrayCollector(Collector):
     names: tuple[str, ...] = ()
 
     def __init__(self) -> None:
-        self._snapshot: list[Metric] = []
+        self._snapshot: Sequence[Metric] = ()
 
     def describe(self) -> Iterable[Metric]:
         # Lets the registry detect clashing names at registration.
@@ -323,11 +338,14 @@ class PowerCollector(_ArrayCollector):
     def __init__(self, satellites: Sequence[str]) -> None:
         super().__init__()
         self.satellites = list(satellites)
-        self._labels = [{"satellite": s} for s in self.satellites]
-        self._load_labels = {
-            sub: [{"satellite": s, "subsystem": sub} for s in self.satellites]
-            for sub in LOAD_SUBSYSTEMS
-        }
+        self._rows = LabelRows([{"satellite": s} for s in self.satellites])
+        self._load_rows = LabelRows(
+            [
+                {"satellite": s, "subsystem": sub}
+                for sub in LOAD_SUBSYSTEMS
+                for s in self.satellites
+            ]
+        )
 
     def update(
         self,
@@ -381,31 +399,10 @@ class PowerCollector(_ArrayCollector):
             ("spacemoe_energy_consumed_joules_total", "energy_consumed_j"),
             ("spacemoe_solar_energy_joules_total", "energy_harvested_j"),
         ]
-        families = [_fill(name, self._labels, v[key]) for name, key in per_sat]
-
-        load = _family("spacemoe_load_power_watts")
-        for sub in LOAD_SUBSYSTEMS:
-            load.samples.extend(
-                Sample(load.name, lab, x, None, None, None)
-                for lab, x in zip(self._load_labels[sub], v[sub], strict=True)
-            )
-        families.append(load)
+        families = [_fill(name, self._rows, v[key]) for name, key in per_sat]
+        load = [x for sub in LOAD_SUBSYSTEMS for x in v[sub]]
+        families.append(_fill("spacemoe_load_power_watts", self._load_rows, load))
         self._snapshot = families
-
-
-def _fill(name: str, labels: Sequence[dict[str, str]], values: list[float]) -> Metric:
-    """One family with a sample per (labels, value) pair.
-
-    The label dicts are shared between timesteps and metrics; the text
-    exposition only reads them.
-    """
-    family = _family(name)
-    sample_name = spec(name).name
-    family.samples = [
-        Sample(sample_name, lab, x, None, None, None)
-        for lab, x in zip(labels, values, strict=True)
-    ]
-    return family
 
 
 class LinkCollector(_ArrayCollector):
@@ -427,9 +424,8 @@ class LinkCollector(_ArrayCollector):
     def __init__(self) -> None:
         super().__init__()
         self._identity: tuple[tuple[str, ...], ...] = ()
-        self._labels: list[dict[str, str]] = []
-        self._ab: list[dict[str, str]] = []
-        self._ba: list[dict[str, str]] = []
+        self._rows = LabelRows([])
+        self._both_ways = LabelRows([])
 
     def update(
         self,
@@ -463,15 +459,14 @@ class LinkCollector(_ArrayCollector):
                 )
             self._identity = identity
             rows = list(zip(names, kinds, a, b, strict=True))
-            self._labels = [
-                {"link": ln, "kind": k, "a": x, "b": y} for ln, k, x, y in rows
-            ]
-            self._ab = [
-                {"link": ln, "kind": k, "src": x, "dst": y} for ln, k, x, y in rows
-            ]
-            self._ba = [
-                {"link": ln, "kind": k, "src": y, "dst": x} for ln, k, x, y in rows
-            ]
+            self._rows = LabelRows(
+                [{"link": ln, "kind": k, "a": x, "b": y} for ln, k, x, y in rows]
+            )
+            # Directional counters: every a-to-b entry, then every b-to-a.
+            self._both_ways = LabelRows(
+                [{"link": ln, "kind": k, "src": x, "dst": y} for ln, k, x, y in rows]
+                + [{"link": ln, "kind": k, "src": y, "dst": x} for ln, k, x, y in rows]
+            )
 
         arrays = {
             "delay_s": delay_s,
@@ -489,13 +484,13 @@ class LinkCollector(_ArrayCollector):
         v = _check_lengths(n, arrays)
 
         families = [
-            _fill("spacemoe_link_delay_seconds", self._labels, v["delay_s"]),
-            _fill("spacemoe_link_rate_bytes_per_second", self._labels, v["rate_Bps"]),
-            _fill("spacemoe_link_up", self._labels, v["up"]),
+            _fill("spacemoe_link_delay_seconds", self._rows, v["delay_s"]),
+            _fill("spacemoe_link_rate_bytes_per_second", self._rows, v["rate_Bps"]),
+            _fill("spacemoe_link_up", self._rows, v["up"]),
         ]
         if "loss_fraction" in v:
             families.append(
-                _fill("spacemoe_link_loss_ratio", self._labels, v["loss_fraction"])
+                _fill("spacemoe_link_loss_ratio", self._rows, v["loss_fraction"])
             )
         for name, key in (
             ("spacemoe_link_transmit_bytes_total", "tx_bytes"),
@@ -503,7 +498,7 @@ class LinkCollector(_ArrayCollector):
         ):
             if f"{key}_ab" in v and f"{key}_ba" in v:
                 families.append(
-                    _fill(name, self._ab + self._ba, v[f"{key}_ab"] + v[f"{key}_ba"])
+                    _fill(name, self._both_ways, v[f"{key}_ab"] + v[f"{key}_ba"])
                 )
         self._snapshot = families
 
@@ -520,7 +515,7 @@ class NodeCollector(_ArrayCollector):
     def __init__(self) -> None:
         super().__init__()
         self._identity: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
-        self._labels: list[dict[str, str]] = []
+        self._rows = LabelRows([])
 
     def update(
         self,
@@ -535,16 +530,16 @@ class NodeCollector(_ArrayCollector):
         identity = (tuple(names), tuple(kinds))
         if identity != self._identity:
             self._identity = identity
-            self._labels = [
-                {"node": n, "kind": k} for n, k in zip(names, kinds, strict=True)
-            ]
+            self._rows = LabelRows(
+                [{"node": n, "kind": k} for n, k in zip(names, kinds, strict=True)]
+            )
         v = _check_lengths(
             len(names), {"lat_deg": lat_deg, "lon_deg": lon_deg, "alt_m": alt_m}
         )
         self._snapshot = [
-            _fill("spacemoe_node_latitude_degrees", self._labels, v["lat_deg"]),
-            _fill("spacemoe_node_longitude_degrees", self._labels, v["lon_deg"]),
-            _fill("spacemoe_node_altitude_meters", self._labels, v["alt_m"]),
+            _fill("spacemoe_node_latitude_degrees", self._rows, v["lat_deg"]),
+            _fill("spacemoe_node_longitude_degrees", self._rows, v["lon_deg"]),
+            _fill("spacemoe_node_altitude_meters", self._rows, v["alt_m"]),
         ]
 
 
@@ -560,14 +555,14 @@ class PlacementCollector(_ArrayCollector):
 
     def update(self, placement: Mapping[tuple[int, int], Iterable[str]]) -> None:
         """`placement` maps (layer, expert) to the nodes holding a replica."""
-        family = _family("spacemoe_expert_placement")
-        for (layer, expert), nodes in sorted(placement.items()):
-            for node in sorted(set(nodes)):
-                labels = {"layer": str(layer), "expert": str(expert), "node": node}
-                family.samples.append(
-                    Sample(family.name, labels, 1.0, None, None, None)
-                )
-        self._snapshot = [family]
+        rows = LabelRows(
+            [
+                {"layer": str(layer), "expert": str(expert), "node": node}
+                for (layer, expert), nodes in sorted(placement.items())
+                for node in sorted(set(nodes))
+            ]
+        )
+        self._snapshot = [_fill("spacemoe_expert_placement", rows, [1.0] * len(rows))]
 
 
 class SatelliteMetrics:
@@ -739,51 +734,6 @@ class InferenceMetrics:
         """Publish the current placement and count replicas moved to reach it."""
         self.placement.update(placement)
         self._migrations.inc(migrations)
-
-
-class Exporter:
-    """A running /metrics HTTP server; `stop()` shuts it down."""
-
-    def __init__(self, registry: CollectorRegistry, addr: str, port: int) -> None:
-        try:
-            self._server, self._thread = start_http_server(
-                port, addr=addr, registry=registry
-            )
-        except OSError as exc:
-            raise EmulationError(
-                f"cannot serve metrics on {addr}:{port}: {exc.strerror}; pick a "
-                "free port or stop whatever listens there"
-            ) from None
-        self.addr = addr
-        self.port = int(self._server.server_port)
-        log.info("serving metrics on %s:%s", addr, self.port)
-
-    @property
-    def target(self) -> str:
-        """``host:port`` as a Prometheus target."""
-        host = f"[{self.addr}]" if ":" in self.addr else self.addr
-        return f"{host}:{self.port}"
-
-    def stop(self) -> None:
-        """Stop serving and close the socket."""
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
-
-
-def serve(registry: CollectorRegistry, addr: str, port: int) -> Exporter:
-    """Serve `registry` on http://addr:port/metrics in a daemon thread.
-
-    Port 0 picks a free port (see ``Exporter.port``). Bind to a management
-    or loopback address, never 0.0.0.0: nothing may listen beyond the
-    testbed.
-
-    Serving turns off prometheus_client's ``*_created`` series for the whole
-    process: they would double the series of every labelled counter and
-    histogram, and Prometheus 2.42 stores them as plain gauges nobody reads.
-    """
-    disable_created_metrics()
-    return Exporter(registry, addr, port)
 
 
 def metric_table() -> str:

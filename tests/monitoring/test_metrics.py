@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import urllib.request
 
@@ -9,6 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from monitoring.exposition import render
 from monitoring.metrics import (
     METRICS,
     EmulatorMetrics,
@@ -196,3 +198,34 @@ def test_serve_exposes_the_registry_and_stops() -> None:
         exporter.stop()
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://{exporter.target}/metrics", timeout=2)
+
+
+@pytest.mark.parametrize(
+    "build", [satellite_registry, emulator_registry, inference_registry]
+)
+def test_fast_rendering_equals_prometheus_client(build) -> None:  # type: ignore[no-untyped-def]
+    registry = build()
+    fast = render(registry)
+    assert promtool_problems(fast) == ""
+    assert _samples(fast) == _samples(generate_latest(registry))
+
+
+def test_fast_rendering_escapes_labels_and_spells_non_finite_values() -> None:
+    registry = CollectorRegistry()
+    emu = EmulatorMetrics(registry)
+    emu.nodes.update(
+        ['odd"name\\x'], ["ground"], lat_deg=[math.nan], lon_deg=[math.inf], alt_m=[0]
+    )
+    text = render(registry)
+    assert b'node="odd\\"name\\\\x"' in text
+    assert b" NaN\n" in text and b" +Inf\n" in text
+    assert _samples(text) == _samples(generate_latest(registry))
+
+
+def _samples(text: bytes) -> set[tuple[str, tuple[tuple[str, str], ...], str]]:
+    out = set()
+    for family in text_string_to_metric_families(text.decode()):
+        for s in family.samples:
+            # NaN != NaN, so compare values by their spelling.
+            out.add((s.name, tuple(sorted(s.labels.items())), repr(s.value)))
+    return out
