@@ -12,6 +12,7 @@ prometheus_client way of one labelled Gauge/Counter child per link.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,7 +107,7 @@ def main() -> None:
             registry, update = build(links)
             update()
             update_ms = best_ms(update)
-            scrape_ms = best_ms(lambda r=registry, f=scrape: f(r))
+            scrape_ms = best_ms(functools.partial(scrape, registry))
             kib = len(scrape(registry)) / 1024
             print(f"{n:>6} {way:>9} {update_ms:>10.1f} {scrape_ms:>10.1f} {kib:>6.0f}")
 
