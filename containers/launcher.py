@@ -600,3 +600,41 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def stop_recorded_agents(
+    directory: Path | None = None, timeout_s: float = 5.0
+) -> list[int]:
+    """Stop a launcher and its agents found through their pid files.
+
+    For clean-up after a crash: only processes whose command line is our
+    launcher's for this `directory` (forked agents share it) are signalled.
+    Returns the pids that were signalled.
+    """
+    directory = directory or agents_dir()
+    marker = str(directory).encode()
+
+    def ours(pid: int) -> bool:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return b"containers.launcher" in argv and marker in argv
+
+    pids = []
+    for pid_path in sorted(directory.glob("*.pid")):
+        try:
+            pid = int(pid_path.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if ours(pid):
+            os.kill(pid, signal.SIGTERM)
+            pids.append(pid)
+        pid_path.unlink(missing_ok=True)
+    deadline = time.monotonic() + timeout_s
+    while any(ours(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for pid in pids:
+        if ours(pid):
+            os.kill(pid, signal.SIGKILL)
+    return pids
