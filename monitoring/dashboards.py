@@ -635,12 +635,50 @@ def write_files(root: Path = GRAFANA_DIR) -> list[Path]:
     return written
 
 
+def panel_table() -> str:
+    """The panels and their queries as a Markdown table, for the docs."""
+    rows = ["| Dashboard | Panel | PromQL |", "|---|---|---|"]
+    for panel in PANELS:
+        exprs = "<br>".join(f"`{q.expr}`".replace("|", "\\|") for q in panel.queries)
+        rows.append(f"| {panel.dashboard} | {panel.title} | {exprs} |")
+    return "\n".join(rows) + "\n"
+
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "monitoring.md"
+
+
+def doc_sections() -> dict[str, str]:
+    """Generated tables of docs/monitoring.md, by marker name."""
+    from monitoring.metrics import metric_table
+
+    return {"metrics": metric_table(), "panels": panel_table()}
+
+
+def refresh_doc(path: Path = DOC) -> bool:
+    """Rewrite the generated tables between their markers; True if changed."""
+    text = original = path.read_text()
+    for name, table in doc_sections().items():
+        begin, end = f"<!-- {name}:begin -->\n", f"<!-- {name}:end -->"
+        head, found, rest = text.partition(begin)
+        if not found:
+            raise ValueError(f"{path}: marker {begin.strip()!r} is missing")
+        _, found, tail = rest.partition(end)
+        if not found:
+            raise ValueError(f"{path}: marker {end!r} is missing")
+        text = head + begin + table + end + tail
+    if text != original:
+        path.write_text(text)
+    return text != original
+
+
 def main(argv: Iterable[str] | None = None) -> int:
-    """Regenerate monitoring/grafana/ (python -m monitoring.dashboards)."""
+    """Regenerate monitoring/grafana/ and the tables in docs/monitoring.md."""
     args = list(sys.argv[1:] if argv is None else argv)
     root = Path(args[0]) if args else GRAFANA_DIR
     for path in write_files(root):
         log.info("wrote %s", path)
+    if DOC.exists() and refresh_doc(DOC):
+        log.info("refreshed the tables in %s", DOC)
     return 0
 
 

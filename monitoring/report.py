@@ -451,3 +451,34 @@ def _natural(text: str) -> list[Any]:
 
 def _utc(unix_s: float) -> str:
     return datetime.fromtimestamp(unix_s, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m monitoring.report``: draw the report of the last while."""
+    import argparse
+    import json
+    import time
+
+    parser = argparse.ArgumentParser(
+        prog="python -m monitoring.report", description=main.__doc__
+    )
+    parser.add_argument("--prometheus", default="http://127.0.0.1:9090")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument(
+        "--since-s", type=float, default=1800.0, help="window length (seconds)"
+    )
+    parser.add_argument(
+        "--topology", type=Path, help="state.json snapshot to draw links from"
+    )
+    args = parser.parse_args(argv)
+    topology = json.loads(args.topology.read_text()) if args.topology else None
+    end = time.time()
+    for path in render_report(
+        args.prometheus, args.out, end - args.since_s, end, topology=topology
+    ):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

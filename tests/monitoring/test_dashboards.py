@@ -10,10 +10,12 @@ import yaml
 from monitoring.dashboards import (
     DASHBOARDS,
     DATASOURCE,
+    DOC,
     GRAFANA_DIR,
     PANELS,
     check_panels,
     dashboard_json,
+    doc_sections,
     expand,
     provisioning_files,
 )
@@ -93,3 +95,11 @@ def test_every_panel_query_returns_data(live: LiveMonitoring) -> None:
     assert set(counts) == {p.key for p in PANELS}
     empty = sorted(k for k, n in counts.items() if n == 0)
     assert empty == [], f"panels without data: {empty}"
+
+
+def test_docs_tables_are_current() -> None:
+    text = DOC.read_text()
+    for name, table in doc_sections().items():
+        assert f"<!-- {name}:begin -->\n{table}<!-- {name}:end -->" in text, (
+            f"the {name} table in {DOC} is stale: python -m monitoring.dashboards"
+        )
