@@ -118,7 +118,12 @@ def bench_latency(args: argparse.Namespace, shard_dir: Path) -> dict[str, object
             f"t = {emulator.t_s:.0f} s, shaping {emulator.substrate.shaping_mode}"
         )
         for policy in args.policies:
-            config = MoeConfig(placement=policy, k=args.k, wire_dtype=args.wire_dtype)
+            config = MoeConfig(
+                placement=policy,
+                k=args.k,
+                wire_dtype=args.wire_dtype,
+                checkpoint=args.checkpoint,
+            )
             report = run_inference(
                 PROMPT, args.tokens, config, emulator=emulator, shard_dir=shard_dir
             )

@@ -250,13 +250,21 @@ def mqtt_publish_bytes(topic_len: int, payload_len: int, properties_len: int) ->
     return 1 + _varint_len(remaining) + remaining
 
 
+def _framed(message_bytes: int) -> int:
+    """Bytes on the link for one TCP message, headers of every packet included."""
+    packets = max(1, math.ceil(message_bytes / MSS_BYTES))
+    return message_bytes + packets * FRAME_OVERHEAD_BYTES
+
+
 def transfer_s(hops: Sequence[Hop], message_bytes: int) -> float:
-    """Time to move one TCP message along `hops`: first packet store-and-forward
-    at every hop, the others behind it at the bottleneck rate."""
+    """Time to move one TCP message along `hops` (no queueing, no loss).
+
+    The first packet is stored and forwarded at every hop; the others follow
+    it at the bottleneck rate.
+    """
     if not hops:
         return 0.0
-    packets = max(1, math.ceil(message_bytes / MSS_BYTES))
-    wire_bytes = message_bytes + packets * FRAME_OVERHEAD_BYTES
+    wire_bytes = _framed(message_bytes)
     first = min(wire_bytes, MSS_BYTES + FRAME_OVERHEAD_BYTES)
     bottleneck = min(h.rate_bps for h in hops)
     return (
@@ -287,6 +295,7 @@ def token_row(
     layer_wall_s = 0.0
     bound_experts_s = 0.0
     payload_bytes = 0
+    wire_bytes = 0
     retries = 0
     for layer in layers:
         layer_wall_s += layer.wall_s
@@ -307,6 +316,7 @@ def token_row(
         slowest = 0.0
         for r in layer.requests:
             payload_bytes += r.request_bytes + r.reply_bytes
+            wire_bytes += sum(_framed(n) for n in _request_wire_bytes(r))
             retries += r.attempts - 1
             tensor_bytes = r.tensor_bytes
             there, back = paths.hops(home, r.node), paths.hops(r.node, home)
@@ -327,6 +337,7 @@ def token_row(
         "bound_s": bound_s,
         "ratio": total_s / bound_s if bound_s > 0 else None,
         "payload_bytes": payload_bytes,
+        "wire_bytes": wire_bytes,
         "requests": sum(len(layer.requests) for layer in layers),
         "retries": retries,
     }
@@ -463,6 +474,7 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     summary["payload_bytes_per_token"] = statistics.fmean(
         r["payload_bytes"] for r in steps
     )
+    summary["wire_bytes_per_token"] = statistics.fmean(r["wire_bytes"] for r in steps)
     summary["retries"] = sum(r["retries"] for r in rows)
     return summary
 
@@ -535,7 +547,8 @@ def format_report(report: Mapping[str, Any]) -> str:
         f"{fmt(s['expert_compute_s_mean'])}, serialization "
         f"{fmt(s['serialization_s_mean'])}, network {fmt(s['network_s_mean'])}, "
         f"queueing {fmt(s['queueing_s_mean'])} ms; "
-        f"{s['payload_bytes_per_token']:.0f} payload bytes/token; "
+        f"{s['payload_bytes_per_token']:.0f} payload bytes/token "
+        f"({s['wire_bytes_per_token']:.0f} with MQTT/TCP/IP framing); "
         f"retries {s['retries']}"
     )
     ref = report.get("reference")
