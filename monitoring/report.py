@@ -277,16 +277,17 @@ def ground_track_map(
 
     Tracks and positions come from ``spacemoe_node_*_degrees``. Links come
     from `topology` when given, else from ``spacemoe_link_up`` at `end`.
-    `topology` is a snapshot such as the emulator's state.json: ``nodes`` a
-    list of ``{name, lat_deg, lon_deg, kind}`` (kind satellite or ground),
-    ``links`` a list of ``{a, b}`` or ``{endpoints: [a, b]}`` with ``up``
-    and ``kind``.
+    `topology` is a snapshot such as the emulator's state.json: ``links`` a
+    list of ``{a, b}`` or ``{endpoints: [a, b]}`` with ``up`` and ``kind``;
+    ``nodes`` may carry ``{name, lat_deg, lon_deg, kind}`` to override the
+    positions from Prometheus (state.json's nodes have no positions).
     """
     tracks = _tracks(prometheus_url, start, end, step_s)
+    nodes = _positions(prometheus_url, end)
     if topology is not None:
-        nodes, links = _from_snapshot(topology)
+        snapshot_nodes, links = _from_snapshot(topology)
+        nodes.update(snapshot_nodes)
     else:
-        nodes = _positions(prometheus_url, end)
         links = [
             (r["metric"].get("a", ""), r["metric"].get("b", ""), r["metric"]["kind"])
             for r in query(prometheus_url, "spacemoe_link_up == 1", end)
@@ -396,8 +397,11 @@ def _positions(url: str, at: float) -> dict[str, tuple[float, float, str]]:
 def _from_snapshot(
     snapshot: Mapping[str, Any],
 ) -> tuple[dict[str, tuple[float, float, str]], list[tuple[str, str, str]]]:
+    """The snapshot's node positions, where it has them, and its up links."""
     nodes = {}
     for n in snapshot.get("nodes", []):
+        if "lat_deg" not in n or "lon_deg" not in n:
+            continue
         kind = n.get("kind") or n.get("role") or "satellite"
         kind = "satellite" if kind in ("satellite", "sat") else "ground"
         nodes[n["name"]] = (float(n["lat_deg"]), float(n["lon_deg"]), kind)

@@ -9,6 +9,7 @@ import matplotlib.image
 import numpy as np
 
 from monitoring.report import (
+    _from_snapshot,
     _link_segments,
     _split_at_dateline,
     format_legend,
@@ -52,12 +53,18 @@ def test_map_from_a_topology_snapshot(live: LiveMonitoring, tmp_path: Path) -> N
             {"name": "s0-0", "lat_deg": 10.0, "lon_deg": 170.0, "kind": "satellite"},
             {"name": "s0-1", "lat_deg": 12.0, "lon_deg": -170.0, "kind": "satellite"},
             {"name": "oslo", "lat_deg": 59.9, "lon_deg": 10.75, "kind": "ground"},
+            # As in the emulator's state.json: no position, Prometheus has it.
+            {"name": "s0-3", "kind": "satellite"},
         ],
         "links": [
             {"endpoints": ["s0-0", "s0-1"], "up": True, "kind": "isl"},
             {"a": "s0-1", "b": "oslo", "up": False, "kind": "gsl"},
+            {"a": "s0-3", "b": "s0-4", "up": True, "kind": "isl"},
         ],
     }
+    nodes, links = _from_snapshot(snapshot)
+    assert set(nodes) == {"s0-0", "s0-1", "oslo"}
+    assert links == [("s0-0", "s0-1", "isl"), ("s0-3", "s0-4", "isl")]
     path = ground_track_map(
         live.url, tmp_path / "map.png", live.start, time.time(), 2.0, snapshot
     )
