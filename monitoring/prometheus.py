@@ -301,7 +301,7 @@ class PrometheusServer:
             if self._proc is not None and self._proc.pid == pid:
                 if self._proc.poll() is not None:
                     return True
-            elif not Path(f"/proc/{pid}").exists():
+            elif not _alive(pid):
                 return True
             time.sleep(0.05)
         return False
@@ -410,6 +410,16 @@ def _check_port_free(port: int) -> None:
                 f"port {port} on 127.0.0.1 is already in use (another "
                 "Prometheus?); stop it or choose another port"
             ) from None
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs; a zombie (exited, not yet reaped) is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The state follows the command name, which is in parentheses.
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def _signal(pid: int, sig: signal.Signals) -> None:

@@ -126,3 +126,20 @@ def test_range_query_returns_samples(live: LiveMonitoring) -> None:
     assert {s["metric"]["satellite"] for s in series} == {"s0-0", "s0-1"}
     assert all(len(s["values"]) >= 2 for s in series)
     assert {s["metric"]["job"] for s in series} == {"spacemoe"}
+
+
+def test_another_process_can_stop_it_by_pid_file(tmp_path: Path) -> None:
+    # `spacemoe down` builds its own PrometheusServer over the same run dir.
+    started = PrometheusServer(tmp_path, port=free_port())
+    started.start()
+    try:
+        other = PrometheusServer(tmp_path)
+        pid = other.running_pid()
+        assert pid is not None
+        t0 = time.monotonic()
+        assert other.stop()
+        # Our child is a zombie until we reap it; that counts as stopped.
+        assert time.monotonic() - t0 < 5
+    finally:
+        started.stop()
+    assert not Path(f"/proc/{pid}").exists()
