@@ -159,6 +159,7 @@ class Emulator:
         self._is_up = False
         self._stop = threading.Event()
         self._nodes_json: list[dict[str, Any]] = []
+        self._paths: dict[str, dict[str, list[str]]] | None = None
 
     # --- bring-up ----------------------------------------------------------
 
@@ -168,6 +169,12 @@ class Emulator:
         started = time.monotonic()
         directory = run_dir()
         directory.mkdir(parents=True, exist_ok=True)
+        running = _running_emulator(directory / "emulator.pid")
+        if running is not None:
+            raise EmulationError(
+                f"an emulator already runs as pid {running} (run directory "
+                f"{directory}); stop it with `spacemoe down` first"
+            )
         _write_atomic(directory / "emulator.pid", f"{os.getpid()}\n")
         _write_atomic(
             directory / "scenario.json", json.dumps(self.scenario.to_dict(), indent=1)
@@ -588,34 +595,52 @@ class Emulator:
         return total
 
     def state(self, report: StepReport | None = None) -> dict[str, Any]:
-        """The state.json document: clock, nodes, links, counts."""
+        """The state.json document: clock, nodes, links, counts, paths.
+
+        ``paths`` holds the routed path from each ground station to every
+        node (all pairs would be N^2 lists).
+        """
         ids = np.flatnonzero(self.link_active)
         names = self.names
+        columns = zip(
+            ids.tolist(),
+            self.link_a[ids].tolist(),
+            self.link_b[ids].tolist(),
+            (self.link_kind[ids] == GSL).tolist(),
+            self.link_up[ids].tolist(),
+            self.link_delay_s[ids].tolist(),
+            self.link_rate_bps[ids].tolist(),
+            self.link_loss[ids].tolist(),
+            strict=True,
+        )
+        link_base = int(self.plan.link_network.network_address)
         links = [
             {
-                "id": int(k),
-                "a": names[self.link_a[k]],
-                "b": names[self.link_b[k]],
-                "kind": "gsl" if self.link_kind[k] == GSL else "isl",
-                "up": bool(self.link_up[k]),
-                "delay_s": float(self.link_delay_s[k]),
-                "rate_bps": float(self.link_rate_bps[k]),
-                "loss_fraction": float(self.link_loss[k]),
-                "ifname": data_ifname(int(k)),
-                "subnet": str(self.plan.link_subnet(int(k))),
+                "id": k,
+                "a": names[a],
+                "b": names[b],
+                "kind": "gsl" if gsl else "isl",
+                "up": up,
+                "delay_s": delay_s,
+                "rate_bps": rate_bps,
+                "loss_fraction": loss,
+                "ifname": data_ifname(k),
+                "subnet": f"{ipaddress.IPv4Address(link_base + 2 * k)}/31",
             }
-            for k in ids
+            for k, a, b, gsl, up, delay_s, rate_bps, loss in columns
         ]
         when = self.scenario.time.start() + timedelta(seconds=self.t_s)
-        ground = range(self.n_sats, len(names))
-        paths = {
-            names[g]: {
-                names[d]: [names[i] for i in self.router.path(g, d)]
-                for d in range(len(names))
-                if d != g
+        # Paths only change with routes, so they are kept between steps.
+        if self._paths is None or (report is not None and report.route_changes):
+            self._paths = {
+                names[g]: {
+                    names[d]: [names[i] for i in self.router.path(g, d)]
+                    for d in range(len(names))
+                    if d != g
+                }
+                for g in range(self.n_sats, len(names))
             }
-            for g in ground
-        }
+        paths = self._paths
         return {
             "scenario": self.scenario.name,
             "pid": os.getpid(),
@@ -678,6 +703,20 @@ def exec_in(node: str, argv: list[str]) -> None:
     if not argv:
         raise EmulationError("exec_in: give a command to run")
     os.execvp("ip", ["ip", "netns", "exec", name, *argv])
+
+
+def _running_emulator(pid_file: Path) -> int | None:
+    """The pid of a live emulator recorded in `pid_file`, other than us."""
+    from topology.cleanup import is_ours
+
+    try:
+        pid = int(pid_file.read_text().split()[0])
+        written = pid_file.stat().st_mtime
+    except (OSError, ValueError, IndexError):
+        return None
+    if pid != os.getpid() and is_ours(pid, written):
+        return pid
+    return None
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -182,3 +182,33 @@ def test_a_link_taken_down_reroutes_within_one_step(emulator) -> None:
     # is lost.
     assert received >= 57, out
     emulator.step(t_s + 2.0)
+
+
+@pytest.mark.root
+def test_run_follows_the_clock_and_stops(emulator) -> None:
+    import threading
+
+    from topology.emulator import status
+
+    fast = replace(
+        emulator.scenario,
+        time=replace(emulator.scenario.time, speed=20.0, step_s=1.0, duration_s=None),
+    )
+    saved, emulator.scenario = emulator.scenario, fast
+    stop = threading.Event()
+    steps_before, t_before = emulator.counters.steps, emulator.t_s
+    timer = threading.Timer(1.0, stop.set)
+    timer.start()
+    try:
+        started = time.monotonic()
+        emulator.run(stop)
+        elapsed = time.monotonic() - started
+    finally:
+        timer.cancel()
+        emulator.scenario = saved
+    steps = emulator.counters.steps - steps_before
+    # 1 s of wall time at 20x with 1 s steps: about 20 steps, none replayed.
+    assert 1.0 <= elapsed < 2.5
+    assert 12 <= steps + emulator.counters.late_steps <= 22
+    assert emulator.t_s - t_before == pytest.approx(20.0, abs=3.0)
+    assert status()["t_s"] == emulator.t_s
