@@ -245,7 +245,8 @@ class Emulator:
         order = np.arange(len(links))
         ids = self._allocate(links, order)
         specs = [
-            self._link_spec(links, i, int(k)) for i, k in zip(order, ids, strict=True)
+            self._link_spec(links, int(i), int(k))
+            for i, k in zip(order, ids, strict=True)
         ]
         chunk = 512
         for start in range(0, len(specs), chunk):

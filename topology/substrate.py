@@ -336,40 +336,6 @@ class KernelSubstrate(Substrate):
         )
         return index
 
-    def _new_bridge(self, name: str) -> int:
-        assert self.root is not None
-        self.root.send([rtnl.bridge_add(name)], [f"create bridge {name}"])
-        index = _ifindex(name)
-        self._bridges.append((name, index))
-        self._bridge_ports = 0
-        _disable_ipv6_root(name)
-        return index
-
-    def _bridge_with_room(self) -> int:
-        """The bridge that takes the next management port (a new one if full)."""
-        assert self.root is not None and self.bridge_index is not None
-        if self._bridge_ports < PORTS_PER_BRIDGE:
-            return self._bridges[-1][1]
-        number = len(self._bridges)
-        index = self._new_bridge(f"{MGMT_BRIDGE}{number}")
-        trunk, far = f"{PREFIX}-mt{number}a", f"{PREFIX}-mt{number}b"
-        self.root.send(
-            [rtnl.veth_add(trunk, 0, None, far, 0, None)],
-            [f"create management trunk {trunk}"],
-        )
-        self._mgmt_ports.append(trunk)
-        for name in (trunk, far):
-            _disable_ipv6_root(name)
-        self.root.send(
-            [
-                rtnl.link_set(name=trunk, up=True, master=self.bridge_index),
-                rtnl.link_set(name=far, up=True, master=index),
-                rtnl.link_set(index, up=True),
-            ],
-            [f"attach {trunk}", f"attach {far}", "set bridge up"],
-        )
-        return index
-
     def helper_pids(self) -> list[int]:
         return list(self.delayline.pids) if self.delayline is not None else []
 

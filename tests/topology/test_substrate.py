@@ -339,6 +339,7 @@ def test_remove_link_and_teardown_leave_nothing(
     from topology.substrate import LinkSpec, NamespaceSubstrate, NodeSpec
 
     monkeypatch.setenv("SPACEMOE_RUN_DIR", str(tmp_path))
+    monkeypatch.setattr("topology.substrate.PORTS_PER_BRIDGE", 2)
     substrate = NamespaceSubstrate()
     try:
         substrate.start(ipaddress.IPv4Interface("198.18.128.1/17"))
@@ -347,15 +348,23 @@ def test_remove_link_and_teardown_leave_nothing(
                 NodeSpec(
                     n, ADDRESS[n], ipaddress.IPv4Interface(f"198.18.128.{i + 2}/17")
                 )
-                for i, n in enumerate(NODES[:2])
+                for i, n in enumerate(NODES)
             ]
         )
+        assert "smoe-mgmt1" in {n["ifname"] for n in ip_json("link")}
         substrate.add_link(
             LinkSpec(5, "tsub-a", "tsub-b", LINK0, Shape(0.001, 50e6, 0.0))
         )
         # Management: reachable from the root namespace, never shaped.
         subprocess.run(
             ["ping", "-c", "1", "-W", "2", "198.18.128.3"],
+            check=True,
+            capture_output=True,
+        )
+        # Two ports per bridge here: the third node's port opens a second
+        # bridge behind a trunk, as the 1,001st does in a real run.
+        subprocess.run(
+            ["ping", "-c", "1", "-W", "2", "198.18.128.4"],
             check=True,
             capture_output=True,
         )
