@@ -87,6 +87,8 @@ class StepReport:
     links_down: int = 0
     shaping_changes: int = 0
     route_changes: int = 0
+    # Set by run(): how long after its due wall-clock time the step began.
+    lag_s: float = 0.0
 
     @property
     def link_changes(self) -> int:
@@ -526,6 +528,7 @@ class Emulator:
                 break
             late_s = time.time() - due
             report = self.step(t_s)
+            report.lag_s = max(late_s, 0.0)
             if on_step is not None:
                 on_step(report)
             after = time.time()
