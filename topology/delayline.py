@@ -43,7 +43,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,7 @@ from typing import Any
 from topology.addressing import DATA_IFNAME_PREFIX
 from topology.commands import run
 from topology.errors import CommandError, ConfigError, EmulationError
-from topology.nfqueue import NETNS_DIR
+from topology.nfqueue import netns_path as _netns_path
 from topology.rundir import PREFIX
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,8 @@ def _families(ipv6: bool) -> tuple[int, ...]:
     return (4, 6) if ipv6 else (4,)
 
 
-def _nsenter(namespace: str) -> list[str]:
-    return ["nsenter", f"--net={NETNS_DIR / namespace}", "--"]
+def _nsenter(namespace: str | Path) -> list[str]:
+    return ["nsenter", f"--net={_netns_path(namespace)}", "--"]
 
 
 def _rule_line(action: str, queue_num: int, iface_prefix: str) -> str:
@@ -88,7 +88,7 @@ def _rule_line(action: str, queue_num: int, iface_prefix: str) -> str:
 
 
 def _rule_jobs(
-    namespaces: Iterable[str],
+    namespaces: Iterable[str | Path],
     action: str,
     queue_num: int,
     iface_prefix: str,
@@ -96,7 +96,11 @@ def _rule_jobs(
 ) -> list[tuple[str, list[str], str]]:
     text = f"*raw\n{_rule_line(action, queue_num, iface_prefix)}\nCOMMIT\n"
     return [
-        (namespace, [*_nsenter(namespace), _IPTABLES[family][0], "--noflush"], text)
+        (
+            str(namespace),
+            [*_nsenter(namespace), _IPTABLES[family][0], "--noflush"],
+            text,
+        )
         for namespace in namespaces
         for family in _families(ipv6)
     ]
@@ -139,7 +143,7 @@ def _run_jobs(
 
 
 def install_rules(
-    namespaces: Iterable[str],
+    namespaces: Iterable[str | Path],
     *,
     queue_num: int,
     iface_prefix: str = DATA_IFNAME_PREFIX,
@@ -154,7 +158,7 @@ def install_rules(
 
 
 def remove_rules(
-    namespaces: Iterable[str],
+    namespaces: Iterable[str | Path],
     *,
     queue_num: int,
     iface_prefix: str = DATA_IFNAME_PREFIX,
@@ -165,7 +169,7 @@ def remove_rules(
 
 
 def install_rule(
-    namespace: str,
+    namespace: str | Path,
     *,
     queue_num: int,
     iface_prefix: str = DATA_IFNAME_PREFIX,
@@ -176,11 +180,11 @@ def install_rule(
         [namespace], queue_num=queue_num, iface_prefix=iface_prefix, ipv6=ipv6
     )
     if failures:
-        raise failures[namespace]
+        raise failures[str(namespace)]
 
 
 def remove_rule(
-    namespace: str,
+    namespace: str | Path,
     *,
     queue_num: int,
     iface_prefix: str = DATA_IFNAME_PREFIX,
@@ -191,16 +195,16 @@ def remove_rule(
         [namespace], queue_num=queue_num, iface_prefix=iface_prefix, ipv6=ipv6
     )
     if failures:
-        raise failures[namespace]
+        raise failures[str(namespace)]
 
 
-def cleanup_namespace_rules(namespace: str) -> int:
+def cleanup_namespace_rules(namespace: str | Path) -> int:
     """Remove every delay-line rule in `namespace`, found by its comment.
 
     For leftovers of a crashed run (``spacemoe clean``); returns how many
     rules were removed. A namespace that no longer exists has none.
     """
-    if not (NETNS_DIR / namespace).exists():
+    if not _netns_path(namespace).exists():
         return 0
     removed = 0
     for family in (4, 6):
@@ -387,6 +391,7 @@ class DelayLine:
         self.reply_timeout_s = reply_timeout_s
         self._handles: list[_WorkerHandle] = []
         self._owner: dict[str, _WorkerHandle] = {}
+        self._paths: dict[str, Path] = {}
 
     def __enter__(self) -> DelayLine:
         self.start()
@@ -439,17 +444,31 @@ class DelayLine:
     def stop(self) -> None:
         """Remove our rules from namespaces that still exist, then stop workers.
 
-        Held packets are released (accepted) before the queues close.
-        Idempotent.
+        Held packets are released (accepted) before the queues close. A
+        namespace deleted while attached lives on (with its veths) until
+        this closes our socket in it. Idempotent.
         """
-        existing = [ns for ns in self._owner if (NETNS_DIR / ns).exists()]
+        live: list[Path] = []
+        dead: list[Path] = []
+        for namespace, path in self._paths.items():
+            if path.exists():
+                alive = self._owner[namespace].proc.poll() is None
+                (live if alive else dead).append(path)
         failures = remove_rules(
-            existing,
+            live,
             queue_num=self.queue_num,
             iface_prefix=self.iface_prefix,
             ipv6=self.ipv6,
         )
+
+        # A worker that died may or may not have removed its rules itself.
+        for path in dead:
+            try:
+                cleanup_namespace_rules(path)
+            except CommandError as exc:
+                failures[str(path)] = exc
         self._owner.clear()
+        self._paths.clear()
         for handle in self._handles:
             handle.stop()
         if self._handles:
@@ -470,23 +489,24 @@ class DelayLine:
         if not self._handles:
             raise EmulationError("the delay line is not running; call start() first")
 
-    def _remove_rule(self, namespace: str) -> None:
-        remove_rule(
-            namespace,
-            queue_num=self.queue_num,
-            iface_prefix=self.iface_prefix,
-            ipv6=self.ipv6,
-        )
-
-    def attach(self, namespace: str) -> None:
+    def attach(self, namespace: str, netns_path: str | Path | None = None) -> None:
         """Delay data-plane packets arriving in `namespace` (idempotent).
 
-        The worker binds the queue before the rule exists, so no packet is
-        ever queued without a listener.
+        `namespace` names it in set_links and stats; it lives at
+        ``/var/run/netns/<namespace>`` unless `netns_path` says where
+        (``/proc/PID/ns/net`` for a container). The worker binds the queue
+        before the rule exists, so no packet is ever queued without a
+        listener. Detach (or stop) before deleting the namespace: our open
+        socket keeps a deleted namespace alive.
         """
-        self.attach_many([namespace])
+        paths = {namespace: netns_path} if netns_path is not None else None
+        self.attach_many([namespace], paths)
 
-    def attach_many(self, namespaces: Iterable[str]) -> None:
+    def attach_many(
+        self,
+        namespaces: Iterable[str],
+        netns_paths: Mapping[str, str | Path] | None = None,
+    ) -> None:
         """:meth:`attach` for many namespaces, with the rules set up in parallel.
 
         Namespaces whose rule could not be installed are left detached and
@@ -494,11 +514,11 @@ class DelayLine:
         """
         self._require_started()
         todo = [ns for ns in dict.fromkeys(namespaces) if ns not in self._owner]
-        missing = [ns for ns in todo if not (NETNS_DIR / ns).exists()]
+        paths = {ns: _netns_path((netns_paths or {}).get(ns, ns)) for ns in todo}
+        missing = [str(path) for path in paths.values() if not path.exists()]
         if missing:
             raise ConfigError(
-                f"attach: no such network namespace {missing[:5]} in {NETNS_DIR}; "
-                "create it first"
+                f"attach: no network namespace at {missing[:5]}; create it first"
             )
         plan: dict[_WorkerHandle, list[str]] = {}
         for namespace in todo:
@@ -508,38 +528,49 @@ class DelayLine:
             )
             plan.setdefault(handle, []).append(namespace)
         for handle, names in plan.items():
-            handle.request("attach", names)
+            handle.request("attach", [(ns, str(paths[ns])) for ns in names])
             handle.namespaces.update(names)
             self._owner.update(dict.fromkeys(names, handle))
+            self._paths.update((ns, paths[ns]) for ns in names)
         failures = install_rules(
-            todo,
+            paths.values(),
             queue_num=self.queue_num,
             iface_prefix=self.iface_prefix,
             ipv6=self.ipv6,
         )
-        for namespace in failures:
-            handle = self._owner.pop(namespace)
-            handle.namespaces.discard(namespace)
-            handle.request("detach", namespace)
+        failed = [ns for ns, path in paths.items() if str(path) in failures]
+        for namespace in failed:
+            self._forget_namespace(namespace).request("detach", namespace)
         if failures:
             first = next(iter(failures.values()))
             raise EmulationError(
                 f"delay line: could not install the NFQUEUE rule in "
-                f"{sorted(failures)[:5]} ({len(failures)} namespaces), first: {first}"
+                f"{failed[:5]} ({len(failed)} namespaces), first: {first}"
             )
         log.debug("delay line attached to %d namespaces", len(todo))
 
+    def _forget_namespace(self, namespace: str) -> _WorkerHandle:
+        handle = self._owner.pop(namespace)
+        handle.namespaces.discard(namespace)
+        self._paths.pop(namespace, None)
+        return handle
+
     def detach(self, namespace: str) -> None:
         """Remove the rule and the socket; held packets are released at once."""
-        handle = self._owner.pop(namespace, None)
-        if handle is None:
+        if namespace not in self._owner:
             return
+        path = self._paths[namespace]
+        handle = self._forget_namespace(namespace)
         try:
-            if (NETNS_DIR / namespace).exists():
-                self._remove_rule(namespace)
+            if path.exists():
+                remove_rule(
+                    path,
+                    queue_num=self.queue_num,
+                    iface_prefix=self.iface_prefix,
+                    ipv6=self.ipv6,
+                )
         finally:
             handle.request("detach", namespace)
-            handle.namespaces.discard(namespace)
 
     def set_links(self, entries: list[tuple[str, str, float, float]]) -> None:
         """Set (namespace, ifname, delay_s, loss_fraction) for many links at once.
@@ -582,9 +613,18 @@ class DelayLine:
 
     def forget_link(self, namespace: str, ifname: str) -> None:
         """Drop a link's settings and counters (its packets then pass undelayed)."""
-        handle = self._owner.get(namespace)
-        if handle is not None:
-            handle.request("forget", namespace, ifname)
+        self.forget_links([(namespace, ifname)])
+
+    def forget_links(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """:meth:`forget_link` for many (namespace, ifname) pairs, one message
+        per worker."""
+        batches: dict[_WorkerHandle, list[tuple[str, str]]] = {}
+        for namespace, ifname in pairs:
+            handle = self._owner.get(namespace)
+            if handle is not None:
+                batches.setdefault(handle, []).append((namespace, ifname))
+        for handle, batch in batches.items():
+            handle.request("forget", batch)
 
     def stats(self) -> dict[str, Any]:
         """Counters per link, per namespace, per worker, and totals.

@@ -170,8 +170,11 @@ class Link:
 class Namespace:
     """One attached namespace: its queue socket and its links."""
 
-    def __init__(self, name: str, queue: QueueSocket, ns_fd: int, proc_fd: int) -> None:
+    def __init__(
+        self, name: str, path: str, queue: QueueSocket, ns_fd: int, proc_fd: int
+    ) -> None:
         self.name = name
+        self.path = path
         self.queue = queue
         self.ns_fd = ns_fd
         self.proc_fd = proc_fd
@@ -266,21 +269,21 @@ class Worker:
 
     # --- commands from the parent -------------------------------------
 
-    def attach_all(self, names: list[str]) -> None:
-        """Attach each namespace, or none of them if one fails."""
+    def attach_all(self, names: list[tuple[str, str]]) -> None:
+        """Attach each (name, netns path), or none of them if one fails."""
         done = []
         try:
-            for name in names:
+            for name, path in names:
                 if name not in self.namespaces:
-                    self.attach(name)
+                    self.attach(name, path)
                     done.append(name)
         except BaseException:
             for name in done:
                 self.detach(name)
             raise
 
-    def attach(self, name: str) -> None:
-        ns_fd = open_namespace(name)
+    def attach(self, name: str, path: str) -> None:
+        ns_fd = open_namespace(path)
         try:
             with in_namespace(ns_fd):
                 queue = QueueSocket(
@@ -293,7 +296,7 @@ class Worker:
         except BaseException:
             os.close(ns_fd)
             raise
-        namespace = Namespace(name, queue, ns_fd, proc_fd)
+        namespace = Namespace(name, path, queue, ns_fd, proc_fd)
         self.namespaces[name] = namespace
         self.by_fd[queue.fileno()] = namespace
         self.epoll.register(queue.fileno(), select.EPOLLIN)
@@ -329,14 +332,16 @@ class Worker:
                 "this delay line; call attach() first"
             )
 
-    def forget_link(self, name: str, ifname: str) -> None:
-        namespace = self.namespaces.get(name)
-        if namespace is None:
-            return
-        link = namespace.links_by_name.pop(ifname, None)
-        if link is not None:
-            for index in [i for i, x in namespace.links_by_index.items() if x is link]:
-                del namespace.links_by_index[index]
+    def forget_links(self, pairs: list[tuple[str, str]]) -> None:
+        for name, ifname in pairs:
+            namespace = self.namespaces.get(name)
+            if namespace is None:
+                continue
+            link = namespace.links_by_name.pop(ifname, None)
+            if link is not None:
+                stale = [i for i, x in namespace.links_by_index.items() if x is link]
+                for index in stale:
+                    del namespace.links_by_index[index]
 
     def stats(self) -> dict[str, Any]:
         links = {}
@@ -380,7 +385,7 @@ class Worker:
             elif kind == "set":
                 self.set_links(*args)
             elif kind == "forget":
-                self.forget_link(*args)
+                self.forget_links(*args)
             elif kind == "stats":
                 result = self.stats()
             elif kind == "stop":
@@ -536,22 +541,22 @@ class Worker:
                 if os.getppid() != self.parent_pid:
                     self.parent_gone = True
 
-    def shutdown(self) -> None:
-        """Accept what we hold and close.
+    def shutdown(self, *, remove_rules: bool) -> None:
+        """Accept what we hold and close; remove our rules if asked.
 
-        On a parent's stop the parent removes the rules; otherwise (parent
-        gone, SIGTERM) nobody else will, and a rule without a listener
-        drops every data-plane packet, so we remove them here.
+        On a parent's stop the parent removes the rules; when the parent is
+        gone or SIGTERM came, nobody else will, and a rule without a
+        listener drops every data-plane packet, so we remove them here.
         """
         self._accept_held(lambda ns: True)
-        names = list(self.namespaces)
-        for name in names:
+        paths = {name: ns.path for name, ns in self.namespaces.items()}
+        for name in paths:
             self.detach(name)
-        if not self.stopped_by_parent and names:
-            from topology.delayline import remove_rules
+        if remove_rules and paths:
+            from topology.delayline import remove_rules as remove
 
-            failures = remove_rules(
-                names,
+            failures = remove(
+                [p for p in paths.values() if os.path.exists(p)],
                 queue_num=self.queue_num,
                 iface_prefix=self.iface_prefix,
                 ipv6=self.ipv6,
@@ -633,11 +638,17 @@ def main(argv: list[str] | None = None) -> int:
     control.send(("ready", os.getpid()))
     try:
         worker.run()
-    finally:
-        worker.shutdown()
-        if not worker.parent_gone:
-            with contextlib.suppress(OSError):
-                control.send(("ok", None))
+    except Exception:
+        # Fail closed: the rules stay, so data-plane traffic in our
+        # namespaces stops (visibly) instead of flowing undelayed; the
+        # parent sees alive() false and its stop() removes them.
+        log.exception("delay-line worker failed; its NFQUEUE rules stay in place")
+        worker.shutdown(remove_rules=False)
+        return 1
+    worker.shutdown(remove_rules=not worker.stopped_by_parent)
+    if not worker.parent_gone:
+        with contextlib.suppress(OSError):
+            control.send(("ok", None))
     return 0
 
 

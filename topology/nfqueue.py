@@ -92,15 +92,22 @@ def setns(fd: int) -> None:
         raise EmulationError(f"setns(fd {fd}) failed: {os.strerror(err)}")
 
 
-def open_namespace(namespace: str) -> int:
-    """Open ``/var/run/netns/<namespace>``; the fd pins it for setns."""
-    path = NETNS_DIR / namespace
+def netns_path(namespace: str | Path) -> Path:
+    """Where a namespace is: a bare name lives in /var/run/netns, a path
+    (``/proc/PID/ns/net`` of a container) is taken as it is."""
+    text = str(namespace)
+    return Path(text) if "/" in text else NETNS_DIR / text
+
+
+def open_namespace(namespace: str | Path) -> int:
+    """Open a namespace (name or path); the fd pins it for setns."""
+    path = netns_path(namespace)
     try:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise EmulationError(
-            f"network namespace {namespace!r} does not exist ({path} is missing); "
-            f"create it with `ip netns add {namespace}` first"
+            f"network namespace {str(namespace)!r} does not exist ({path} is missing); "
+            f"create it first (`ip netns add NAME`, or start its container)"
         ) from None
 
 

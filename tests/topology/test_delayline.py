@@ -10,9 +10,11 @@ timestamps would be taken before the delay line holds the packet).
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import select
+import signal
 import socket
 import statistics
 import struct
@@ -21,11 +23,17 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from topology.commands import run
-from topology.delayline import RULE_COMMENT, DelayLine, cleanup_namespace_rules
+from topology.delayline import (
+    RULE_COMMENT,
+    DelayLine,
+    cleanup_namespace_rules,
+    kernel_has_netem,
+)
 from topology.errors import ConfigError, EmulationError
 from topology.nfqueue import (
     NF_ACCEPT,
@@ -112,9 +120,7 @@ class Chain:
 
 
 @pytest.fixture(scope="module")
-def chain() -> Iterator[Chain]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
+def chain(net_sandbox: None) -> Iterator[Chain]:
     _delete_namespaces()
     echo = None
     try:
@@ -462,5 +468,68 @@ def test_set_links_rejects_bad_entries(chain: Chain, delayline: DelayLine) -> No
         delayline.set_links([(NS_A, "d1", -0.1, 0.0)])
     with pytest.raises(ConfigError, match="loss_fraction=1.5"):
         delayline.set_links([(NS_A, "d1", 0.01, 1.5)])
-    with pytest.raises(ConfigError, match="no such network namespace"):
+    with pytest.raises(ConfigError, match="no network namespace at"):
         delayline.attach("smoe-nosuch")
+
+
+@pytest.mark.root
+def test_attach_by_path_of_a_process(chain: Chain) -> None:
+    """A container's namespace is given as /proc/PID/ns/net under any label."""
+    holder = subprocess.Popen([*_in(NS_C), "sleep", "60"])
+    line = DelayLine()
+    try:
+        line.start()
+        time.sleep(0.1)
+        line.attach("container-c", f"/proc/{holder.pid}/ns/net")
+        line.set_links([("container-c", "d2", 0.020, 0.0)])
+        sock = chain.client()
+        try:
+            replies = _probe(sock, 10, 0.01)
+        finally:
+            sock.close()
+        rtt_s = statistics.median(r for _, r in replies)
+        assert abs(rtt_s - 0.020) <= _rtt_tolerance_s(0.020), rtt_s
+        assert line.stats()["links"][("container-c", "d2")]["packets"] == 10
+    finally:
+        line.stop()
+        holder.kill()
+        holder.wait()
+    assert RULE_COMMENT not in run([*_in(NS_C), "iptables-save"]).stdout
+
+
+@pytest.mark.root
+def test_sigterm_makes_worker_remove_its_rules(chain: Chain) -> None:
+    line = DelayLine()
+    try:
+        line.start()
+        line.attach(NS_B)
+        os.kill(line.pids[0], signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while line.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not line.alive()
+        assert RULE_COMMENT not in run([*_in(NS_B), "iptables-save"]).stdout
+    finally:
+        line.stop()
+
+
+@pytest.mark.root
+def test_forget_links_drops_settings(chain: Chain, delayline: DelayLine) -> None:
+    delayline.set_links(_link_delays(0.010, 0.025))
+    delayline.forget_links([(NS_B, "d2"), (NS_C, "d2")])
+    links = delayline.stats()["links"]
+    assert (NS_B, "d2") not in links and (NS_C, "d2") not in links
+    assert links[(NS_B, "d1")]["delay_s"] == 0.010
+
+
+@pytest.mark.root
+def test_kernel_has_netem_agrees_with_kernel_config(chain: Chain) -> None:
+    config = Path("/proc/config.gz")
+    if not config.exists():
+        pytest.skip("no /proc/config.gz to compare with")
+    text = gzip.decompress(config.read_bytes()).decode()
+    built_in = "CONFIG_NET_SCH_NETEM=y" in text
+    modular = "CONFIG_NET_SCH_NETEM=m" in text
+    if modular:
+        pytest.skip("netem is a module; loading it depends on the machine")
+    assert kernel_has_netem() is built_in
