@@ -370,8 +370,13 @@ class KernelSubstrate(Substrate):
             )
             if node.management is not None:
                 self._add_mgmt_port(node, namespace)
-            if self.delayline is not None:
-                self.delayline.attach(namespace.label)
+        if self.delayline is not None:
+            # One call for the batch: the delay line installs its rules in
+            # parallel (an iptables-restore per namespace).
+            spaces = [self.nodes[n.name] for n in nodes]
+            self.delayline.attach_many(
+                [ns.label for ns in spaces], {ns.label: ns.path for ns in spaces}
+            )
 
     def _add_mgmt_port(self, node: NodeSpec, namespace: Namespace) -> None:
         assert self.root is not None and node.management is not None

@@ -38,6 +38,11 @@ def test_down_leaves_nothing(
     emulator.up()
     helpers = emulator.substrate.helper_pids()
     in_node = emulator.substrate.popen(emulator.names[0], ["sleep", "60"])
+    inode = os.stat(f"/run/netns/smoe-{emulator.names[0]}").st_ino
+    deadline = time.monotonic() + 10
+    while os.stat(f"/proc/{in_node.pid}/ns/net").st_ino != inode:
+        assert time.monotonic() < deadline, "nsenter never entered the node"
+        time.sleep(0.01)
     emulator.down()
     assert in_node.wait(timeout=10) is not None
     assert not any((Path("/run/netns") / f"smoe-{n}").exists() for n in emulator.names)
