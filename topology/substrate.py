@@ -546,13 +546,13 @@ class KernelSubstrate(Substrate):
             labels[link.spec.a].append(f"delete {data_ifname(link_id)}")
         for node, batch in messages.items():
             self.nodes[node].send(batch, labels[node])
+        forgotten = []
         for link_id in link_ids:
             link = self.links.pop(link_id)
-            if self.delayline is not None:
-                for node in (link.spec.a, link.spec.b):
-                    self.delayline.forget_link(
-                        self.nodes[node].label, data_ifname(link_id)
-                    )
+            for node in (link.spec.a, link.spec.b):
+                forgotten.append((self.nodes[node].label, data_ifname(link_id)))
+        if self.delayline is not None:
+            self.delayline.forget_links(forgotten)
 
     def _link(self, link_id: int) -> _Link:
         try:
