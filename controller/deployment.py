@@ -67,6 +67,8 @@ class Deployment:
 
     `namespaces`: run each node's broker and agent inside ``smoe-<node>``
     (needs the emulation up); False runs them in the caller's namespace.
+    `metrics_addrs` maps a node to the (management) address where its agent
+    serves Prometheus metrics; nodes not in it serve none.
     """
 
     def __init__(
@@ -74,8 +76,10 @@ class Deployment:
         endpoints: Mapping[str, Endpoint],
         shard_dir: str | Path,
         namespaces: bool = True,
+        metrics_addrs: Mapping[str, str] | None = None,
     ) -> None:
         self.endpoints = dict(endpoints)
+        self.metrics_addrs = dict(metrics_addrs or {})
         self.shard_dir = Path(shard_dir)
         self.namespaces = namespaces
         self.brokers: dict[str, Broker] = {}
@@ -115,6 +119,7 @@ class Deployment:
                     self.shard_dir,
                     namespace=namespace_name(node) if self.namespaces else None,
                     shards=shards,
+                    metrics_addr=self.metrics_addrs.get(node),
                 )
             self.launcher.wait_ready(list(nodes), timeout_s)
         except BaseException:
