@@ -94,8 +94,11 @@ class Agent:
         keepalive_s: int = 5,
         on_ready: Callable[[], None] | None = None,
         metrics: RequestObserver | None = None,
+        throttle: Callable[[], float] | None = None,
     ) -> None:
         self.node = node
+        # Speed the power model allows (1 full, 0 off); None: never slowed.
+        self.throttle = throttle
         self.metrics = metrics
         self.host = host
         self.port = port
@@ -349,6 +352,15 @@ class Agent:
                 f"rows of shape {tuple(rows.shape)}; expected (n, {d_model})",
             )
 
+        factor = 1.0 if self.throttle is None else self.throttle()
+        if factor <= 0.0:
+            return self._error(
+                request.request_id,
+                wire.ErrorCode.THROTTLED,
+                f"{self.node} has its compute off (too hot or battery at its "
+                "limit); ask another replica",
+            )
+
         t1 = time.perf_counter()
         try:
             with torch.inference_mode():
@@ -356,6 +368,9 @@ class Agent:
         except Exception as exc:  # a bad shard must not end the agent
             log.exception("agent %s: expert %s failed", self.node, key)
             return self._error(request.request_id, wire.ErrorCode.INTERNAL, repr(exc))
+        if factor < 1.0:
+            # A throttled accelerator takes 1/factor as long for the same work.
+            time.sleep((time.perf_counter() - t1) * (1.0 / factor - 1.0))
         compute_s = time.perf_counter() - t1
 
         t2 = time.perf_counter()

@@ -354,6 +354,15 @@ def _serve_agent(spec: dict[str, Any], ready_fd: int, enter_namespace: Any) -> i
             spec["metrics_addr"],
             int(spec.get("metrics_port") or AGENT_METRICS_PORT),
         )
+    on_busy = throttle = None
+    if spec.get("power_share"):
+        # The power model in `spacemoe up` charges this work and may slow it.
+        from containers.powershare import PowerShare
+
+        share = PowerShare(Path(spec["power_share"]), int(spec["power_nodes"]))
+        row = int(spec["power_row"])
+        on_busy = lambda started, busy_s: share.add_busy(row, busy_s)  # noqa: E731
+        throttle = lambda: share.throttle(row)  # noqa: E731
     agent = Agent(
         spec["node"],
         spec["host"],
@@ -361,6 +370,8 @@ def _serve_agent(spec: dict[str, Any], ready_fd: int, enter_namespace: Any) -> i
         spec["shard_dir"],
         on_ready=lambda: _tell(ready_fd, b"ready\n"),
         metrics=metrics,
+        on_busy=on_busy,
+        throttle=throttle,
     )
     for layer, expert, path in spec.get("shards", []):
         agent.load(int(layer), int(expert), str(path))
@@ -460,11 +471,14 @@ class Launcher:
         shards: list[tuple[int, int, str]] | None = None,
         metrics_addr: str | None = None,
         metrics_port: int | None = None,
+        power: tuple[Path, int, int] | None = None,
     ) -> int:
         """Fork an agent for `node`; returns its pid (see wait_ready).
 
         With `metrics_addr` the agent serves Prometheus metrics there
         (monitoring.metrics.SatelliteMetrics; port default AGENT_METRICS_PORT).
+        `power` = (share file, row, rows) connects the agent to the power
+        model through a :class:`~containers.powershare.PowerShare`.
         """
         spec = {
             "op": "spawn",
@@ -477,6 +491,12 @@ class Launcher:
             "metrics_addr": metrics_addr,
             "metrics_port": metrics_port,
         }
+        if power is not None:
+            spec["power_share"], spec["power_row"], spec["power_nodes"] = (
+                str(power[0]),
+                power[1],
+                power[2],
+            )
         pid: int = self._call(spec)["pid"]
         return pid
 

@@ -82,6 +82,7 @@ class ErrorCode(enum.IntEnum):
     BAD_SHAPE = 3  # rows do not fit the expert's d_model
     INTERNAL = 4  # the expert raised while computing
     BAD_COMMAND = 5  # a control command did not decode or failed
+    THROTTLED = 6  # the satellite's compute is off (too hot or out of power)
 
 
 # Wire dtype codes. The code is part of the format: never renumber.

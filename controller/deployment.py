@@ -77,8 +77,14 @@ class Deployment:
         shard_dir: str | Path,
         namespaces: bool = True,
         metrics_addrs: Mapping[str, str] | None = None,
+        power_share: Path | None = None,
+        power_rows: Mapping[str, int] | None = None,
     ) -> None:
         self.endpoints = dict(endpoints)
+        # Agents charge their work to, and take their throttle from, the
+        # power model through this file (see containers.powershare).
+        self.power_share = power_share
+        self.power_rows = dict(power_rows or {})
         self.metrics_addrs = dict(metrics_addrs or {})
         self.shard_dir = Path(shard_dir)
         self.namespaces = namespaces
@@ -120,6 +126,7 @@ class Deployment:
                     namespace=namespace_name(node) if self.namespaces else None,
                     shards=shards,
                     metrics_addr=self.metrics_addrs.get(node),
+                    power=self._power_of(node),
                 )
             self.launcher.wait_ready(list(nodes), timeout_s)
         except BaseException:
@@ -131,6 +138,11 @@ class Deployment:
             sum(len(v) for v in held.values()),
         )
         return self
+
+    def _power_of(self, node: str) -> tuple[Path, int, int] | None:
+        if self.power_share is None or node not in self.power_rows:
+            return None
+        return (self.power_share, self.power_rows[node], len(self.power_rows))
 
     def agent_pid(self, node: str) -> int:
         """The pid of `node`'s agent (for fault injection in tests)."""

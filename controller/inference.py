@@ -61,7 +61,11 @@ log = logging.getLogger(__name__)
 # Error codes after which another replica may well succeed. BAD_REQUEST and
 # BAD_SHAPE mean our own message is wrong, so a retry elsewhere would fail
 # the same way.
-RETRYABLE = {wire.ErrorCode.UNKNOWN_EXPERT, wire.ErrorCode.INTERNAL}
+RETRYABLE = {
+    wire.ErrorCode.UNKNOWN_EXPERT,
+    wire.ErrorCode.INTERNAL,
+    wire.ErrorCode.THROTTLED,
+}
 
 
 @dataclass(frozen=True)

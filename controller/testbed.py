@@ -1,0 +1,731 @@
+"""A whole running scenario: network, satellites' runtime, power, monitoring.
+
+:class:`Testbed` is what `spacemoe up` runs. It composes the parts the
+other packages build:
+
+1. the emulated network (:class:`topology.emulator.Emulator`): namespaces,
+   shaped links and routes that follow the geometry every timestep;
+2. the power, heat and battery model of every satellite
+   (:class:`containers.power.PowerModel`, vectorised over the
+   constellation), stepped with the emulator, charged with the expert work
+   the agents report and throttling them in turn through a
+   :class:`containers.powershare.PowerShare`;
+3. the satellites' runtime (:class:`controller.deployment.Deployment`):
+   a Mosquitto broker and a forked agent on every node the placement uses,
+   holding its expert shards; `spacemoe infer` then reaches them from home
+   across the emulated links, using ``run_dir()/moe.json``;
+4. monitoring: the central exporter (links, nodes, power, loop timing) on
+   127.0.0.1, the agents' exporters on their management addresses, and a
+   Prometheus server that scrapes them by file-based discovery.
+
+Power metrics come from the central model for every satellite, not from
+the agents, so satellites without experts are watched too and Prometheus
+holds one copy of each series.
+
+Everything started here is stopped by :meth:`Testbed.down`, which also runs
+when bring-up fails halfway; `spacemoe clean` finds what a crashed run left
+by the pid files and names under the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from topology.config import from_dict
+from topology.errors import ConfigError, EmulationError, SpaceMoeError
+from topology.rundir import namespace_name, run_dir
+from topology.scenario import Scenario, load_scenario
+
+log = logging.getLogger(__name__)
+
+Say = Callable[[str], None]
+
+EMULATOR_METRICS_PORT = 9470
+CONTROLLER_METRICS_PORT = 9472
+PROMETHEUS_PORT = 9090
+READY_TIMEOUT_S = 300.0
+
+
+def require_root() -> None:
+    """Raise a clear error unless we run as root."""
+    if os.geteuid() != 0:
+        raise EmulationError(
+            "this command needs root (network namespaces, tc, iptables); run it "
+            "with sudo, or use `spacemoe snapshot` for geometry only"
+        )
+
+
+def moe_config(scenario: Scenario) -> Any:
+    """The scenario's `moe` section, validated."""
+    from controller.inference import MoeConfig
+
+    return from_dict(MoeConfig, scenario.moe, "moe")
+
+
+class Testbed:
+    """One scenario brought up with everything that runs on it."""
+
+    def __init__(
+        self, scenario: Scenario, moe: bool = True, monitoring: bool = True
+    ) -> None:
+        from containers.power_config import load_power_config
+
+        self.scenario = scenario
+        self.with_moe = moe
+        self.with_monitoring = monitoring
+        self.moe = moe_config(scenario)
+        self.power_config = load_power_config(scenario.power)
+        self.emulator: Any = None
+        self.power: Any = None
+        self.share: Any = None
+        self.deployment: Any = None
+        self.prometheus: Any = None
+        self.exporter: Any = None
+        self.metrics: Any = None
+        self._busy_seen_s: np.ndarray | None = None
+        self._last_power_t_s = 0.0
+        self._stop = threading.Event()
+
+    @classmethod
+    def from_args(
+        cls,
+        scenario_path: str | None,
+        moe: bool = True,
+        monitoring: bool = True,
+        duration_s: float | None = None,
+        speed: float | None = None,
+    ) -> Testbed:
+        """A testbed for a scenario file, with command-line overrides."""
+        scenario = load_scenario(scenario_path)
+        changes: dict[str, Any] = {}
+        if duration_s is not None:
+            changes["duration_s"] = duration_s
+        if speed is not None:
+            changes["speed"] = speed
+        if changes:
+            time_config = from_dict(
+                type(scenario.time),
+                {**dataclasses.asdict(scenario.time), **changes},
+                "time",
+            )
+            scenario = dataclasses.replace(scenario, time=time_config)
+        return cls(scenario, moe=moe, monitoring=monitoring)
+
+    # -- bring-up --------------------------------------------------------
+
+    def up(self, say: Say | None = None) -> None:
+        """Bring everything up; on any failure, take down what was built."""
+        say = say or (lambda message: None)
+        require_root()
+        from containers.power import PowerModel
+        from containers.powershare import PowerShare
+        from topology.emulator import Emulator
+
+        try:
+            say(f"building {self.scenario.name!r}")
+            self.emulator = Emulator(self.scenario)
+
+            def progress(phase: str, done: int, total: int) -> None:
+                if done == total or done % max(1, total // 4) == 0:
+                    say(f"{phase}: {done}/{total}")
+
+            self.emulator.up(progress)
+            names = self.emulator.names
+            n_sats = self.emulator.n_sats
+            self.power = PowerModel(self.power_config, n_sats, names[:n_sats])
+            self.share = PowerShare(run_dir() / "power.share", len(names), create=True)
+            self._busy_seen_s = np.zeros(len(names))
+            if self.with_monitoring:
+                say("starting Prometheus and exporters")
+                self._start_monitoring()
+            if self.with_moe:
+                say("starting brokers and expert agents")
+                self._start_moe()
+            self._on_step(None)
+        except BaseException:
+            log.error("bring-up failed; taking down what was started")
+            self.down()
+            raise
+
+    def _start_monitoring(self) -> None:
+        from prometheus_client import CollectorRegistry
+
+        from monitoring.metrics import EmulatorMetrics, serve
+        from monitoring.prometheus import PrometheusServer
+
+        names = self.emulator.names
+        registry = CollectorRegistry()
+        self._registry = registry
+        self.metrics = EmulatorMetrics(
+            registry, power_satellites=names[: self.emulator.n_sats]
+        )
+        self.exporter = serve(registry, "127.0.0.1", EMULATOR_METRICS_PORT)
+        self.prometheus = PrometheusServer(
+            run_dir(),
+            port=PROMETHEUS_PORT,
+            emulator_target=f"127.0.0.1:{EMULATOR_METRICS_PORT}",
+        )
+        self.prometheus.start()
+        self.prometheus.update_targets(
+            "inference", [(f"127.0.0.1:{CONTROLLER_METRICS_PORT}", {})]
+        )
+
+    def _start_moe(self) -> None:
+        from controller.deployment import Deployment, ensure_shards
+        from controller.inference import Endpoint
+        from controller.latency import EmulatorPaths, propagation_delays_s
+        from controller.placement import PlacementContext, check_placement, make_policy
+        from moe.shards import load_manifest
+        from monitoring.metrics import AGENT_METRICS_PORT
+
+        emulator = self.emulator
+        names = emulator.names
+        satellites = names[: emulator.n_sats]
+        stations = names[emulator.n_sats :]
+        home = self.moe.home or (stations[0] if stations else satellites[0])
+        if home not in names:
+            raise ConfigError(
+                f"moe.home: {home!r} is not a node of scenario "
+                f"{self.scenario.name!r}; use one of its ground stations {stations}"
+            )
+
+        delays = propagation_delays_s(EmulatorPaths(emulator), home, satellites)
+        context = PlacementContext(home, emulator.t_s, delays)
+        options = (
+            {"k": self.moe.k, "replicas": self.moe.replicas}
+            if self.moe.placement == "round-robin"
+            else {}
+        )
+        policy = make_policy(self.moe.placement, **options)
+        shard_dir = ensure_shards(self.moe.checkpoint)
+        manifest = load_manifest(shard_dir)
+        experts = [(e.layer, e.expert) for e in manifest.shards]
+        placement = policy.place(experts, satellites, context)
+        check_placement(placement, experts, names)
+
+        nodes_json = {n["name"]: n for n in emulator.state()["nodes"]}
+        endpoints = {
+            name: Endpoint(name, str(nodes_json[name]["address"]).split("/")[0])
+            for name in names
+        }
+        metrics_addrs = {}
+        if self.with_monitoring:
+            metrics_addrs = {
+                name: str(nodes_json[name]["management"]).split("/")[0]
+                for name in names
+                if nodes_json[name].get("management")
+            }
+        self.deployment = Deployment(
+            endpoints,
+            shard_dir,
+            namespaces=True,
+            metrics_addrs=metrics_addrs,
+            power_share=self.share.path,
+            power_rows={name: i for i, name in enumerate(names)},
+        )
+        self.deployment.start(placement)
+        if self.prometheus is not None:
+            used = sorted({n for holders in placement.values() for n in holders})
+            self.prometheus.update_targets(
+                "satellite",
+                [
+                    (f"{metrics_addrs[n]}:{AGENT_METRICS_PORT}", {"satellite": n})
+                    for n in used
+                    if n in metrics_addrs
+                ],
+            )
+        if self.metrics is not None:
+            self._placement_metrics(placement)
+
+        doc = {
+            "home": home,
+            "policy": {"name": policy.name, **options},
+            "placement": [
+                {"layer": layer, "expert": expert, "nodes": holders}
+                for (layer, expert), holders in sorted(placement.items())
+            ],
+            "endpoints": {n: dataclasses.asdict(e) for n, e in endpoints.items()},
+            "shard_dir": str(shard_dir),
+            "config": dataclasses.asdict(self.moe),
+            "path_delay_s": {
+                n: delays.get(n)
+                for n in sorted(set(h for hs in placement.values() for h in hs))
+            },
+        }
+        _write_json(run_dir() / "moe.json", doc)
+        log.info(
+            "experts placed by %s over %d nodes, home %s",
+            policy.name,
+            len({n for hs in placement.values() for n in hs}),
+            home,
+        )
+
+    def _placement_metrics(self, placement: dict[Any, list[str]]) -> None:
+        from monitoring.metrics import PlacementCollector
+
+        collector = getattr(self, "_placement_collector", None)
+        if collector is None:
+            collector = PlacementCollector()
+            self._placement_collector = collector
+            self._registry.register(collector)
+        collector.update(placement)
+
+    # -- every timestep --------------------------------------------------
+
+    def _on_step(self, report: Any) -> None:
+        """Advance power and heat, throttle agents, publish metrics."""
+        emulator = self.emulator
+        t_s = emulator.t_s
+        constellation = emulator.geometry.constellation
+        n_sats = emulator.n_sats
+        dt_s = t_s - self._last_power_t_s
+        lat, lon, alt_km = constellation.geodetic(t_s)
+        sunlit = constellation.sunlit(t_s)
+
+        step = None
+        if dt_s > 0:
+            busy_total = self.share.busy_totals_s()
+            busy = (busy_total - self._busy_seen_s)[:n_sats]
+            self._busy_seen_s = busy_total
+            # Busy time is wall time; the model steps in scenario time.
+            busy_fraction = np.clip(busy * self.scenario.time.speed / dt_s, 0.0, 1.0)
+            tx_bits, rx_bits = self._radio_bits(dt_s)
+            step = self.power.step(
+                dt_s, sunlit, None, busy_fraction, tx_bits, rx_bits, alt_km[:n_sats]
+            )
+            self.share.set_throttle(step.throttle_factor)
+            self._last_power_t_s = t_s
+
+        if self.metrics is None:
+            return
+        names = emulator.names
+        kinds = ["satellite"] * n_sats + ["ground"] * (len(names) - n_sats)
+        self.metrics.nodes.update(
+            names, kinds, lat_deg=lat, lon_deg=lon, alt_m=np.asarray(alt_km) * 1e3
+        )
+        self._link_metrics()
+        if step is not None:
+            counters = self.power.counters
+            wh_to_j = 3600.0
+            self.metrics.power.update(
+                solar_w=step.solar_w,
+                load_bus_w=step.bus_w,
+                load_compute_w=step.compute_w,
+                load_radio_w=step.radio_w,
+                battery_w=step.battery_w,
+                soc_fraction=step.soc_fraction,
+                battery_energy_j=step.energy_wh * wh_to_j,
+                capacity_fade_fraction=self.power.capacity_fade_fraction,
+                temperature_c=step.temperature_c,
+                throttle_factor=step.throttle_factor,
+                sunlit=sunlit.astype(float),
+                energy_consumed_j=counters["load_wh"] * wh_to_j,
+                energy_harvested_j=counters["solar_wh"] * wh_to_j,
+            )
+        if report is not None:
+            self.metrics.step_done(
+                self.scenario.time.start().timestamp() + t_s,
+                report.total_s,
+                report.lag_s,
+                report.route_changes,
+                {
+                    "up": report.links_up + report.links_created,
+                    "down": report.links_down + report.links_removed,
+                    "shape": report.shaping_changes,
+                },
+            )
+
+    def _radio_bits(self, dt_s: float) -> tuple[np.ndarray, np.ndarray]:
+        """Bits each satellite sent and received over its links in the step.
+
+        Taken from the kernel's per-link byte counters where the emulator
+        reads them; zero otherwise (see docs/limitations.md).
+        """
+        n_sats = self.emulator.n_sats
+        counters = getattr(self.emulator, "node_traffic_bytes", None)
+        if counters is None:
+            return np.zeros(n_sats), np.zeros(n_sats)
+        tx, rx = counters()
+        previous = getattr(self, "_traffic_seen", None)
+        self._traffic_seen = (tx, rx)
+        if previous is None:
+            return np.zeros(n_sats), np.zeros(n_sats)
+        return (
+            np.maximum(tx - previous[0], 0)[:n_sats] * 8.0,
+            np.maximum(rx - previous[1], 0)[:n_sats] * 8.0,
+        )
+
+    def _link_metrics(self) -> None:
+        e = self.emulator
+        ids = np.flatnonzero(e.link_active)
+        names = e.names
+        a = [names[i] for i in e.link_a[ids]]
+        b = [names[i] for i in e.link_b[ids]]
+        self.metrics.links.update(
+            [f"{x}~{y}" for x, y in zip(a, b, strict=True)],
+            ["gsl" if k == 1 else "isl" for k in e.link_kind[ids]],
+            a,
+            b,
+            delay_s=e.link_delay_s[ids],
+            rate_bps=e.link_rate_bps[ids],
+            up=e.link_up[ids].astype(float),
+            loss_fraction=e.link_loss[ids],
+        )
+
+    # -- running and stopping -------------------------------------------
+
+    def run(self) -> None:
+        """Advance the scenario until stopped or its duration ends."""
+        self.emulator.run(self._stop, on_step=self._safe_on_step)
+
+    def _safe_on_step(self, report: Any) -> None:
+        try:
+            self._on_step(report)
+        except SpaceMoeError as exc:
+            log.error("after step t=%.1f s: %s", self.emulator.t_s, exc)
+
+    def run_forever(self, progress: Say | None = None) -> None:
+        """`spacemoe up` in the foreground: up, run until a signal, down."""
+        say = progress or (lambda message: None)
+
+        def on_signal(signum: int, frame: Any) -> None:
+            self._stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        try:
+            self.up(say)
+            _write_json(run_dir() / "ready.json", {"pid": os.getpid()})
+            log.info("scenario %r is up; `spacemoe down` stops it", self.scenario.name)
+            self.run()
+        finally:
+            self.down()
+
+    def down(self) -> None:
+        """Stop everything this testbed started (safe after partial bring-up)."""
+        errors: list[str] = []
+        for name, stop in (
+            ("agents and brokers", lambda: self.deployment and self.deployment.stop()),
+            ("Prometheus", lambda: self.prometheus and self.prometheus.stop()),
+            ("exporter", lambda: self.exporter and self.exporter.stop()),
+            ("emulator", lambda: self.emulator and self.emulator.down()),
+        ):
+            try:
+                stop()
+            except Exception as exc:  # stop the rest regardless
+                errors.append(f"{name}: {exc}")
+                log.error("stopping %s: %s", name, exc)
+        self.deployment = self.prometheus = self.exporter = self.emulator = None
+        for leftover in ("moe.json", "ready.json", "power.share"):
+            (run_dir() / leftover).unlink(missing_ok=True)
+        if errors:
+            raise EmulationError("tear-down was incomplete: " + "; ".join(errors))
+
+
+# -- commands that talk to a running testbed ---------------------------------
+
+
+def detach_and_wait(argv: list[str], timeout_s: float = READY_TIMEOUT_S) -> int:
+    """Start `spacemoe up` in the background; return once it is up.
+
+    Its log goes to ``run_dir()/up.log``. If it dies while starting, the
+    log's tail is raised as the error.
+    """
+    require_root()
+    directory = run_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "ready.json").unlink(missing_ok=True)
+    log_path = directory / "up.log"
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise EmulationError(
+                f"`spacemoe up` exited with {proc.returncode} while starting; "
+                f"log tail:\n{_tail(log_path)}"
+            )
+        if (directory / "ready.json").exists():
+            print(f"up (pid {proc.pid}); log in {log_path}")
+            return 0
+        time.sleep(0.2)
+    proc.terminate()
+    raise EmulationError(
+        f"`spacemoe up` was not ready within {timeout_s:.0f} s; log tail:\n"
+        f"{_tail(log_path)}"
+    )
+
+
+def stop_running(timeout_s: float = 60.0) -> str:
+    """Stop the running `spacemoe up` (by its pid file) and wait for it."""
+    require_root()
+    from topology.cleanup import clean
+
+    pid_path = run_dir() / "emulator.pid"
+    try:
+        pid = int(pid_path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        removed = clean()
+        return (
+            f"no scenario was running; removed {len(removed)} leftovers"
+            if removed
+            else "no scenario was running"
+        )
+    if not _is_spacemoe(pid):
+        removed = clean()
+        return f"the recorded emulator (pid {pid}) was gone; cleaned {len(removed)}"
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+        time.sleep(0.1)
+    if Path(f"/proc/{pid}").exists():
+        os.kill(pid, signal.SIGKILL)
+        removed = clean()
+        return f"pid {pid} did not stop in {timeout_s:.0f} s; killed, cleaned " + str(
+            len(removed)
+        )
+    leftovers = clean()
+    if leftovers:
+        return f"stopped pid {pid}; also removed {len(leftovers)} leftovers"
+    return f"stopped pid {pid}"
+
+
+def read_status() -> dict[str, Any]:
+    """The running scenario's state, or a clear error if none runs."""
+    from topology.emulator import status
+
+    state = status()
+    if state is None:
+        raise EmulationError(
+            f"no scenario is running (no {run_dir() / 'state.json'}); start one "
+            "with `spacemoe up --detach`"
+        )
+    moe_path = run_dir() / "moe.json"
+    if moe_path.exists():
+        state["moe"] = json.loads(moe_path.read_text())
+    return state
+
+
+def format_status(state: dict[str, Any]) -> str:
+    """A short human-readable status."""
+    counts = state.get("counts", {})
+    lines = [
+        f"scenario   {state.get('scenario')}  "
+        f"({'running' if state.get('alive') else 'NOT RUNNING: stale state'})",
+        f"time       t={state.get('t_s', 0):.1f} s  {state.get('when_utc')}  "
+        f"speed x{state.get('speed')}",
+        f"shaping    {state.get('shaping')}",
+        f"nodes      {counts.get('nodes')} ({counts.get('satellites')} satellites)",
+        f"links      {counts.get('links_up')} up of {counts.get('links')}",
+        f"steps      {counts.get('steps')} ({counts.get('late_steps')} late); "
+        f"{counts.get('link_changes')} link and {counts.get('route_changes')} "
+        "route changes so far",
+    ]
+    gsl = [
+        f"{link['a']}-{link['b']} {link['delay_s'] * 1e3:.2f} ms"
+        for link in state.get("links", [])
+        if link.get("kind") == "gsl"
+    ]
+    if gsl:
+        lines.append("ground     " + ", ".join(gsl))
+    moe = state.get("moe")
+    if moe:
+        holders = sorted({n for p in moe["placement"] for n in p["nodes"]})
+        lines.append(
+            f"experts    home {moe['home']}, {moe['policy']['name']} over "
+            f"{len(holders)} nodes: {', '.join(holders)}"
+        )
+    return "\n".join(lines)
+
+
+def infer_on_running(
+    prompt: str,
+    n_tokens: int,
+    home: str | None = None,
+    placement: str | None = None,
+    compare: bool = True,
+) -> tuple[dict[str, Any], str]:
+    """Generate through the agents of the running scenario.
+
+    Returns the JSON report and the printable table. `home` and
+    `placement` may only name what `spacemoe up` deployed; a different
+    placement needs a new `up` (the running agents hold the shards).
+    """
+    import torch
+
+    torch.set_num_threads(1)
+    from controller.inference import Endpoint, MoeConfig, MqttExecutor
+    from controller.latency import StatePaths, format_report, infer
+    from moe.checkpoint import load_checkpoint
+    from moe.shards import load_home_model, load_manifest
+
+    require_root()
+    moe_path = run_dir() / "moe.json"
+    if not moe_path.exists():
+        raise EmulationError(
+            "no experts are deployed: start a scenario with `spacemoe up --detach` "
+            "(without --no-moe) first"
+        )
+    doc = json.loads(moe_path.read_text())
+    config = MoeConfig(**doc["config"])
+    if home is not None and home != doc["home"]:
+        raise ConfigError(
+            f"--home {home!r}: the running deployment serves home {doc['home']!r}; "
+            "set moe.home in the scenario and bring it up again"
+        )
+    if placement is not None and placement != doc["policy"]["name"]:
+        raise ConfigError(
+            f"--placement {placement!r}: the running deployment uses "
+            f"{doc['policy']['name']!r}; set moe.placement in the scenario and "
+            "bring it up again"
+        )
+    placed = {(p["layer"], p["expert"]): list(p["nodes"]) for p in doc["placement"]}
+    endpoints = {n: Endpoint(**e) for n, e in doc["endpoints"].items()}
+    manifest = load_manifest(Path(doc["shard_dir"]))
+    model = load_home_model(manifest)
+    reference = load_checkpoint(config.checkpoint) if compare else None
+    paths = StatePaths.from_file(run_dir() / "state.json")
+    executor = MqttExecutor(
+        endpoints,
+        placed,
+        namespace=namespace_name(doc["home"]),
+        attempt_timeout_s=config.attempt_timeout_s,
+        wire_dtype=config.wire_dtype,
+        source_address=endpoints[doc["home"]].host,
+    )
+    metrics, exporter = _inference_metrics()
+    try:
+        executor.connect()
+        if metrics is not None:
+            metrics.set_placement(placed, 0)
+        report = infer(
+            model,
+            executor,
+            prompt,
+            n_tokens,
+            paths,
+            doc["home"],
+            reference,
+            metrics=metrics,
+        )
+    finally:
+        executor.close()
+        if exporter is not None:
+            # Give Prometheus one more scrape of the final counts.
+            time.sleep(1.5)
+            exporter.stop()
+    state = paths.state
+    report["scenario"] = state.get("scenario")
+    report["t_s"] = state.get("t_s")
+    report["shaping"] = state.get("shaping")
+    report["policy"] = doc["policy"]
+    report["path_delay_s"] = doc.get("path_delay_s")
+    _write_json(run_dir() / "results" / f"infer-{int(time.time())}.json", report)
+    return report, format_report(report)
+
+
+def _inference_metrics() -> tuple[Any, Any]:
+    """InferenceMetrics served where Prometheus looks, if the port is free."""
+    from prometheus_client import CollectorRegistry
+
+    from monitoring.metrics import InferenceMetrics, serve
+
+    registry = CollectorRegistry()
+    metrics = InferenceMetrics(registry)
+    try:
+        exporter = serve(registry, "127.0.0.1", CONTROLLER_METRICS_PORT)
+    except EmulationError as exc:
+        log.warning(
+            "inference metrics not served on 127.0.0.1:%d (%s); another infer runs?",
+            CONTROLLER_METRICS_PORT,
+            exc,
+        )
+        return metrics, None
+    return metrics, exporter
+
+
+def report_from_running(out_dir: Path, minutes: float = 10.0) -> list[Path]:
+    """PNG plots of the last `minutes` from the running Prometheus."""
+    from monitoring.report import render_report
+
+    state = read_status()
+    url = f"http://127.0.0.1:{PROMETHEUS_PORT}"
+    end = time.time()
+    start = end - minutes * 60.0
+    clock_path = run_dir() / "clock.json"
+    if clock_path.exists():
+        clock = json.loads(clock_path.read_text())
+        start = max(start, float(clock.get("wall_start_unix_s", start)))
+    paths: list[Path] = render_report(url, out_dir, start, end, topology=state)
+    return paths
+
+
+def power_fast_forward(
+    scenario_path: str | None, days: float, step_s: float, busy_fraction: float
+) -> tuple[dict[str, Any], str]:
+    """Days of power, heat and ageing in seconds of wall time (no emulation)."""
+    from containers.fastforward import fast_forward
+
+    if not 0.0 <= busy_fraction <= 1.0:
+        raise ConfigError(f"--busy {busy_fraction}: give a fraction from 0 to 1")
+    if days <= 0:
+        raise ConfigError(f"--days {days}: give a positive number of days")
+    scenario = load_scenario(scenario_path)
+    result = fast_forward(scenario, days, step_s=step_s, load=busy_fraction)
+    summary = result.summary()
+    lines = [
+        f"{scenario.name}: {days:g} days in {summary['wall_s']:.1f} s "
+        f"({summary['satellites']} satellites, busy {busy_fraction:g})"
+    ]
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            lines.append(
+                f"  {key:28s} min {value['min']:.4g}  median {value['median']:.4g}"
+                f"  max {value['max']:.4g}"
+            )
+    return summary, "\n".join(lines)
+
+
+def _is_spacemoe(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"spacemoe" in cmdline or b"controller.cli" in cmdline
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _write_json(path: Path, doc: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.tmp")
+    partial.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(partial, path)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use the `spacemoe` command")
