@@ -13,6 +13,7 @@ Sections (each builds its own ``smoe-b*`` namespaces and deletes them):
 - ``jitter``: one-way delay minus the configured delay, measured by the
   application (sender and receiver stamps on CLOCK_MONOTONIC), at a few
   packet rates, alone and next to a busy numpy process;
+- ``scrape``: the same one-way error while stats() reads N namespaces;
 - ``compare``: the same flood and a TCP transfer through the installed
   ``netfilterqueue`` binding (accept at once, no delay) versus our queue.
 
@@ -30,6 +31,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -405,6 +407,55 @@ def section_jitter(args: argparse.Namespace) -> None:
         teardown_star()
 
 
+def _scrape(line: DelayLine, stop: threading.Event, calls: list[float]) -> None:
+    while not stop.is_set():
+        t0 = time.monotonic()
+        line.stats()
+        calls.append(time.monotonic() - t0)
+        stop.wait(0.2)
+
+
+def section_scrape(args: argparse.Namespace) -> None:
+    """Does a stats() of many namespaces stall the packets of one of them?"""
+    names = [f"smoe-bscr{i}" for i in range(args.namespaces)]
+    print(f"scrape: 10000 pkt/s through one namespace while {len(names)} more are")
+    print("        attached (4 links each); stats() every 0.2 s or never")
+    build_star()
+    try:
+        for name in names:
+            run(["ip", "netns", "add", name], check=False)
+        for scrape in (False, True):
+            with DelayLine() as line:
+                line.attach_many([RECEIVERS[0], *names])
+                line.set_links(
+                    [(RECEIVERS[0], "d1", 0.010, 0.0)]
+                    + [(name, f"d{k}", 0.005, 0.0) for name in names for k in range(4)]
+                )
+                stop = threading.Event()
+                calls: list[float] = []
+                thread = threading.Thread(target=_scrape, args=(line, stop, calls))
+                if scrape:
+                    thread.start()
+                try:
+                    r = _owd(line, 10000, args.duration_s, 0.010)
+                finally:
+                    stop.set()
+                    if scrape:
+                        thread.join()
+            took = (
+                f", each took {1e3 * sum(calls) / len(calls):.1f} ms" if calls else ""
+            )
+            print(
+                f"  stats() {'every 0.2 s' if scrape else 'never      '}: error p50 "
+                f"{r['p50_ms']:.3f} p99 {r['p99_ms']:.3f} max {r['max_ms']:.3f} ms; "
+                f"own lateness max {r['line_max_ms']:.2f} ms ({len(calls)} calls{took})"
+            )
+    finally:
+        teardown_star()
+        for name in names:
+            run(["ip", "netns", "del", name], check=False)
+
+
 def _iperf(ns_client: str, ns_server: str, server_addr: str, seconds: int) -> float:
     server = subprocess.Popen(
         [*_in(ns_server), "iperf3", "-s", "-1", "-B", server_addr],
@@ -493,6 +544,7 @@ SECTIONS = {
     "attach": section_attach,
     "rate": section_rate,
     "jitter": section_jitter,
+    "scrape": section_scrape,
     "compare": section_compare,
 }
 

@@ -21,11 +21,18 @@ interfaces start with :data:`topology.addressing.DATA_IFNAME_PREFIX`
 (``d`` + link id, at most 15 characters); anything else, the management
 interface ``mgmt0`` and ``lo`` included, is not delayed.
 
-No ``--queue-bypass``: if the delay line dies, data-plane packets in the
-attached namespaces are dropped rather than silently passing undelayed;
-:meth:`DelayLine.alive` reports it. The worker removes its rules itself
-when its parent dies; :func:`cleanup_namespace_rules` removes leftovers by
-their comment, and deleting a namespace removes its rules with it.
+No ``--queue-bypass``: if a worker crashes, its rules stay and the
+data-plane packets of its namespaces are dropped rather than silently
+passing undelayed; :meth:`DelayLine.alive` reports it and
+:meth:`DelayLine.stop` removes the rules. When the parent dies (or on
+SIGTERM) the worker removes its rules itself and exits.
+:func:`cleanup_namespace_rules` removes leftovers by their comment;
+deleting a namespace removes its rules with it, but our open socket keeps
+a deleted namespace (and its veths) alive until detach() or stop().
+
+Workers run under SCHED_FIFO (priority 10 by default): under load a
+normal-priority worker added milliseconds of delay (see
+``benchmarks/bench_delayline.py``).
 
 The rule is installed with ``iptables-restore`` (one fork per namespace
 and address family, at attach time only): nftables' native ``queue``
@@ -50,6 +57,7 @@ from typing import Any
 
 from topology.addressing import DATA_IFNAME_PREFIX
 from topology.commands import run
+from topology.delayline_worker import LATENESS_BUCKETS_S, LINK_FIELDS, NAMESPACE_FIELDS
 from topology.errors import CommandError, ConfigError, EmulationError
 from topology.nfqueue import netns_path as _netns_path
 from topology.rundir import PREFIX
@@ -59,8 +67,8 @@ log = logging.getLogger(__name__)
 RULE_COMMENT = f"{PREFIX}-delayline"
 DEFAULT_QUEUE_NUM = 7000
 
-# Held packets count against the queue length; 65536 covers 1 Gbit/s of
-# 1500-byte packets for 0.75 s (GSO packets are up to 64 KiB each).
+# Held packets count against each namespace's queue length; 65536 covers
+# 1 Gbit/s of 1500-byte packets for 0.75 s (GSO packets hold up to 64 KiB).
 DEFAULT_MAXLEN = 65536
 DEFAULT_RCVBUF_BYTES = 8 * 1024 * 1024
 MAX_DELAY_S = 10.0
@@ -265,6 +273,10 @@ class _WorkerHandle:
         self.reply_timeout_s = reply_timeout_s
         self.namespaces: set[str] = set()
         self.lock = threading.Lock()
+
+        # The latest counters the worker reported, by link and namespace.
+        self.links: dict[tuple[str, str], dict[str, Any]] = {}
+        self.counters: dict[str, dict[str, Any]] = {}
         parent_sock, child_sock = socket.socketpair()
         child_fd = child_sock.fileno()
         package_root = str(Path(__file__).resolve().parents[1])
@@ -553,6 +565,9 @@ class DelayLine:
         handle = self._owner.pop(namespace)
         handle.namespaces.discard(namespace)
         self._paths.pop(namespace, None)
+        handle.counters.pop(namespace, None)
+        for key in [key for key in handle.links if key[0] == namespace]:
+            del handle.links[key]
         return handle
 
     def detach(self, namespace: str) -> None:
@@ -625,6 +640,8 @@ class DelayLine:
                 batches.setdefault(handle, []).append((namespace, ifname))
         for handle, batch in batches.items():
             handle.request("forget", batch)
+            for key in batch:
+                handle.links.pop(key, None)
 
     def stats(self) -> dict[str, Any]:
         """Counters per link, per namespace, per worker, and totals.
@@ -641,10 +658,21 @@ class DelayLine:
         links: dict[tuple[str, str], dict[str, Any]] = {}
         namespaces: dict[str, dict[str, Any]] = {}
         workers = []
+        buckets = list(LATENESS_BUCKETS_S)
         for handle in self._handles:
             part = handle.request("stats")
-            links.update(part["links"])
-            namespaces.update(part["namespaces"])
+
+            # Workers send what changed since their last reply.
+            for key, values in part["links"].items():
+                link = dict(zip(LINK_FIELDS, values, strict=True))
+                link["lateness_counts"] = list(link["lateness_counts"])
+                handle.links[key] = link
+            for name, values in part["namespaces"].items():
+                handle.counters[name] = dict(zip(NAMESPACE_FIELDS, values, strict=True))
+            for key, link in handle.links.items():
+                links[key] = {**link, "lateness_buckets_s": buckets}
+            for name, counters in handle.counters.items():
+                namespaces[name] = dict(counters)
             workers.append(part["worker"])
         totals: dict[str, Any] = {
             key: sum(link[key] for link in links.values())
@@ -654,7 +682,7 @@ class DelayLine:
             (link["max_lateness_s"] for link in links.values()), default=0.0
         )
         for key in ("held_packets", "kernel_queue_dropped", "kernel_user_dropped"):
-            totals[key] = sum(ns.get(key, 0) for ns in namespaces.values())
+            totals[key] = sum(max(0, ns[key]) for ns in namespaces.values())
         return {
             "links": links,
             "namespaces": namespaces,
