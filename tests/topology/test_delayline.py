@@ -516,6 +516,10 @@ def test_sigterm_makes_worker_remove_its_rules(chain: Chain) -> None:
 @pytest.mark.root
 def test_forget_links_drops_settings(chain: Chain, delayline: DelayLine) -> None:
     delayline.set_links(_link_delays(0.010, 0.025))
+    before = delayline.stats()["links"]
+
+    # Workers send only what changed; a quiet second call sees the same.
+    assert delayline.stats()["links"] == before
     delayline.forget_links([(NS_B, "d2"), (NS_C, "d2")])
     links = delayline.stats()["links"]
     assert (NS_B, "d2") not in links and (NS_C, "d2") not in links
