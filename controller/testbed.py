@@ -495,9 +495,9 @@ def stop_running(timeout_s: float = 60.0) -> str:
         return f"the recorded emulator (pid {pid}) was gone; cleaned {len(removed)}"
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+    while time.monotonic() < deadline and _alive(pid):
         time.sleep(0.1)
-    if Path(f"/proc/{pid}").exists():
+    if _alive(pid):
         os.kill(pid, signal.SIGKILL)
         removed = clean()
         return f"pid {pid} did not stop in {timeout_s:.0f} s; killed, cleaned " + str(
@@ -703,6 +703,21 @@ def power_fast_forward(
                 f"  max {value['max']:.4g}"
             )
     return summary, "\n".join(lines)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` still runs; reaps it if it is our exited child."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    if stat.rsplit(")", 1)[1].split()[0] != "Z":
+        return True
+    try:
+        os.waitpid(pid, os.WNOHANG)  # `spacemoe demo` started it
+    except ChildProcessError:
+        pass
+    return False
 
 
 def _is_spacemoe(pid: int) -> bool:
