@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
@@ -122,7 +123,7 @@ def one_size(n_sats: int, steps: int, step_s: float) -> dict:
         ground_stations=[from_dict(GroundStationConfig, g, "gs") for g in STATIONS],
     )
     phases: dict[str, float] = {}
-    last = {"phase": None, "t": time.perf_counter()}
+    last: dict[str, Any] = {"phase": None, "t": time.perf_counter()}
 
     def progress(phase: str, done: int, total: int) -> None:
         now = time.perf_counter()
