@@ -382,15 +382,9 @@ def infer(
             status = "timeout" if isinstance(exc, InferenceTimeout) else "error"
             metrics.request_done(status, time.perf_counter() - started)
         raise
+    report["duration_s"] = time.perf_counter() - started
     if metrics is not None:
-        metrics.count_prompt_tokens(len(prompt.encode("utf-8")))
-        for row in report["rows"]:
-            metrics.observe_token(
-                row["total_s"],
-                {name[:-2]: row[name] for name in COMPONENTS},
-                row["payload_bytes"],
-            )
-        metrics.request_done("ok", time.perf_counter() - started)
+        observe_report(metrics, report)
     if reference is not None:
         report["reference"] = compare_with_reference(
             reference, prompt.encode("utf-8"), report["tokens"], report.pop("_logits")
@@ -502,6 +496,24 @@ def compare_with_reference(
         "tokens_identical": ref_tokens == list(tokens),
         "max_abs_logit_diff": max(diffs) if diffs else 0.0,
     }
+
+
+def observe_report(metrics: TokenObserver, report: Mapping[str, Any]) -> None:
+    """Feed a finished generation's report to `metrics`.
+
+    A report of a failed request carries only ``status`` (timeout or
+    error) and ``duration_s``.
+    """
+    status = report.get("status", "ok")
+    if status == "ok":
+        metrics.count_prompt_tokens(len(str(report["prompt"]).encode("utf-8")))
+        for row in report["rows"]:
+            metrics.observe_token(
+                row["total_s"],
+                {name[:-2]: row[name] for name in COMPONENTS},
+                row["payload_bytes"],
+            )
+    metrics.request_done(status, float(report.get("duration_s", 0.0)))
 
 
 # -- presentation -----------------------------------------------------------------

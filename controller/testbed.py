@@ -45,7 +45,13 @@ from typing import Any
 import numpy as np
 
 from topology.config import from_dict
-from topology.errors import ConfigError, EmulationError, SpaceMoeError
+from topology.errors import (
+    ConfigError,
+    EmulationError,
+    InferenceError,
+    InferenceTimeout,
+    SpaceMoeError,
+)
 from topology.rundir import namespace_name, run_dir
 from topology.scenario import Scenario, load_scenario
 
@@ -54,7 +60,6 @@ log = logging.getLogger(__name__)
 Say = Callable[[str], None]
 
 EMULATOR_METRICS_PORT = 9470
-CONTROLLER_METRICS_PORT = 9472
 PROMETHEUS_PORT = 9090
 READY_TIMEOUT_S = 300.0
 
@@ -95,6 +100,8 @@ class Testbed:
         self.prometheus: Any = None
         self.exporter: Any = None
         self.metrics: Any = None
+        self.inference_metrics: Any = None
+        self._reports_seen: set[str] = set()
         self._busy_seen_s: np.ndarray | None = None
         self._last_power_t_s = 0.0
         self._stop = threading.Event()
@@ -163,7 +170,7 @@ class Testbed:
     def _start_monitoring(self) -> None:
         from prometheus_client import CollectorRegistry
 
-        from monitoring.metrics import EmulatorMetrics, serve
+        from monitoring.metrics import EmulatorMetrics, InferenceMetrics, serve
         from monitoring.prometheus import PrometheusServer
 
         names = self.emulator.names
@@ -172,6 +179,9 @@ class Testbed:
         self.metrics = EmulatorMetrics(
             registry, power_satellites=names[: self.emulator.n_sats]
         )
+        # `spacemoe infer` runs are short-lived processes; their reports are
+        # fed to these long-lived series (see _ingest_reports).
+        self.inference_metrics = InferenceMetrics(registry)
         self.exporter = serve(registry, "127.0.0.1", EMULATOR_METRICS_PORT)
         self.prometheus = PrometheusServer(
             run_dir(),
@@ -179,9 +189,6 @@ class Testbed:
             emulator_target=f"127.0.0.1:{EMULATOR_METRICS_PORT}",
         )
         self.prometheus.start()
-        self.prometheus.update_targets(
-            "inference", [(f"127.0.0.1:{CONTROLLER_METRICS_PORT}", {})]
-        )
 
     def _start_moe(self) -> None:
         from controller.deployment import Deployment, ensure_shards
@@ -247,8 +254,8 @@ class Testbed:
                     if n in metrics_addrs
                 ],
             )
-        if self.metrics is not None:
-            self._placement_metrics(placement)
+        if self.inference_metrics is not None:
+            self.inference_metrics.set_placement(placement, 0)
 
         doc = {
             "home": home,
@@ -272,16 +279,6 @@ class Testbed:
             len({n for hs in placement.values() for n in hs}),
             home,
         )
-
-    def _placement_metrics(self, placement: dict[Any, list[str]]) -> None:
-        from monitoring.metrics import PlacementCollector
-
-        collector = getattr(self, "_placement_collector", None)
-        if collector is None:
-            collector = PlacementCollector()
-            self._placement_collector = collector
-            self._registry.register(collector)
-        collector.update(placement)
 
     # -- every timestep --------------------------------------------------
 
@@ -311,6 +308,7 @@ class Testbed:
 
         if self.metrics is None:
             return
+        self._ingest_reports()
         names = emulator.names
         kinds = ["satellite"] * n_sats + ["ground"] * (len(names) - n_sats)
         self.metrics.nodes.update(
@@ -347,6 +345,20 @@ class Testbed:
                     "shape": report.shaping_changes,
                 },
             )
+
+    def _ingest_reports(self) -> None:
+        """Count the generations `spacemoe infer` finished since last step."""
+        from controller.latency import observe_report
+
+        for path in sorted((run_dir() / "results").glob("infer-*.json")):
+            if path.name in self._reports_seen:
+                continue
+            self._reports_seen.add(path.name)
+            try:
+                report = json.loads(path.read_text())
+                observe_report(self.inference_metrics, report)
+            except (OSError, ValueError, KeyError) as exc:
+                log.warning("cannot count inference report %s: %s", path, exc)
 
     def _radio_bits(self, dt_s: float) -> tuple[np.ndarray, np.ndarray]:
         """Bits each satellite sent and received over its links in the step.
@@ -612,55 +624,29 @@ def infer_on_running(
         wire_dtype=config.wire_dtype,
         source_address=endpoints[doc["home"]].host,
     )
-    metrics, exporter = _inference_metrics()
+    # The running `spacemoe up` counts this report into its metrics.
+    result_path = run_dir() / "results" / f"infer-{time.time():.3f}-{os.getpid()}.json"
+    started = time.perf_counter()
     try:
         executor.connect()
-        if metrics is not None:
-            metrics.set_placement(placed, 0)
-        report = infer(
-            model,
-            executor,
-            prompt,
-            n_tokens,
-            paths,
-            doc["home"],
-            reference,
-            metrics=metrics,
+        report = infer(model, executor, prompt, n_tokens, paths, doc["home"], reference)
+    except InferenceError as exc:
+        status = "timeout" if isinstance(exc, InferenceTimeout) else "error"
+        failed = {"status": status, "error": str(exc)}
+        _write_json(
+            result_path, {**failed, "duration_s": time.perf_counter() - started}
         )
+        raise
     finally:
         executor.close()
-        if exporter is not None:
-            # Give Prometheus one more scrape of the final counts.
-            time.sleep(1.5)
-            exporter.stop()
     state = paths.state
     report["scenario"] = state.get("scenario")
     report["t_s"] = state.get("t_s")
     report["shaping"] = state.get("shaping")
     report["policy"] = doc["policy"]
     report["path_delay_s"] = doc.get("path_delay_s")
-    _write_json(run_dir() / "results" / f"infer-{int(time.time())}.json", report)
+    _write_json(result_path, report)
     return report, format_report(report)
-
-
-def _inference_metrics() -> tuple[Any, Any]:
-    """InferenceMetrics served where Prometheus looks, if the port is free."""
-    from prometheus_client import CollectorRegistry
-
-    from monitoring.metrics import InferenceMetrics, serve
-
-    registry = CollectorRegistry()
-    metrics = InferenceMetrics(registry)
-    try:
-        exporter = serve(registry, "127.0.0.1", CONTROLLER_METRICS_PORT)
-    except EmulationError as exc:
-        log.warning(
-            "inference metrics not served on 127.0.0.1:%d (%s); another infer runs?",
-            CONTROLLER_METRICS_PORT,
-            exc,
-        )
-        return metrics, None
-    return metrics, exporter
 
 
 def report_from_running(out_dir: Path, minutes: float = 10.0) -> list[Path]:
@@ -675,7 +661,15 @@ def report_from_running(out_dir: Path, minutes: float = 10.0) -> list[Path]:
     if clock_path.exists():
         clock = json.loads(clock_path.read_text())
         start = max(start, float(clock.get("wall_start_unix_s", start)))
-    paths: list[Path] = render_report(url, out_dir, start, end, topology=state)
+    # The map wants positions, which state.json does not carry: recompute
+    # the geometry of the running scenario at its current time.
+    from topology.scenario import Scenario
+    from topology.snapshot import snapshot
+
+    saved = json.loads((run_dir() / "scenario.json").read_text())
+    scenario = from_dict(Scenario, saved)
+    topology = snapshot(scenario, float(state.get("t_s", 0.0)))
+    paths: list[Path] = render_report(url, out_dir, start, end, topology=topology)
     return paths
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -45,6 +46,9 @@ def net_sandbox() -> Iterator[None]:
         os.makedirs("/run/netns", exist_ok=True)
         _check(libc.mount(b"tmpfs", b"/run/netns", b"tmpfs", 0, None), "/run/netns")
         _check(libc.mount(b"sysfs", b"/sys", b"sysfs", 0, None), "/sys")
+        # A new network namespace starts with loopback down; exporters and
+        # Prometheus bind 127.0.0.1.
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
         yield
     finally:
         _check(libc.setns(saved_mnt, CLONE_NEWNS), "setns back (mount)")
