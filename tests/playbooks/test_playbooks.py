@@ -241,8 +241,21 @@ def test_up_workload_check_down_against_localhost(
     )
 
     assert _recap_changed(*_playbook("up.yml", env)) >= 1
+    # The leftover check must see a running scenario, or its empty answer
+    # after down.yml would prove nothing.
+    running = "\n".join(_our_leftovers(sandboxed_run_dir))
+    for part in ("namespace smoe-", "prometheus", "mosquitto"):
+        assert part in running, f"{part!r} not among:\n{running}"
     # Up again: the scenario already runs, so nothing may report a change.
     assert _recap_changed(*_playbook("up.yml", env)) == 0
+    # Up with another scenario while this one runs: refused, nothing touched.
+    other = tmp_path / "other.yaml"
+    other.write_text("name: other\n")
+    result, counts = _playbook(
+        "up.yml", env, "-e", f"spacemoe_constellation_scenario={other}"
+    )
+    assert result.returncode != 0 and counts["changed"] == 0, _explain(result)
+    assert "Scenario iridium-like already runs" in result.stdout
 
     _recap_changed(*_playbook("workload.yml", env, "-e", workload))
     report = json.loads((fetched / "localhost" / "infer-0.json").read_text())
