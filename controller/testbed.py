@@ -62,6 +62,8 @@ Say = Callable[[str], None]
 EMULATOR_METRICS_PORT = 9470
 PROMETHEUS_PORT = 9090
 READY_TIMEOUT_S = 300.0
+# Link counters are read from about this many nodes' namespaces per step.
+TRAFFIC_NODES_PER_STEP = 200
 
 
 def require_root() -> None:
@@ -103,6 +105,10 @@ class Testbed:
         self.inference_metrics: Any = None
         self._reports_seen: set[str] = set()
         self._busy_seen_s: np.ndarray | None = None
+        self._sent_seen: np.ndarray | None = None
+        self._link_sent: np.ndarray | None = None
+        self._link_dropped: np.ndarray | None = None
+        self._steps_since_traffic = 0
         self._last_power_t_s = 0.0
         self._stop = threading.Event()
 
@@ -162,6 +168,8 @@ class Testbed:
                 say("starting brokers and expert agents")
                 self._start_moe()
             self._on_step(None)
+            if self.prometheus is not None:
+                self._wait_for_first_scrapes()
         except BaseException:
             log.error("bring-up failed; taking down what was started")
             self.down()
@@ -246,14 +254,12 @@ class Testbed:
         self.deployment.start(placement)
         if self.prometheus is not None:
             used = sorted({n for holders in placement.values() for n in holders})
-            self.prometheus.update_targets(
-                "satellite",
-                [
-                    (f"{metrics_addrs[n]}:{AGENT_METRICS_PORT}", {"satellite": n})
-                    for n in used
-                    if n in metrics_addrs
-                ],
-            )
+            self._agent_targets = [
+                (f"{metrics_addrs[n]}:{AGENT_METRICS_PORT}", {"satellite": n})
+                for n in used
+                if n in metrics_addrs
+            ]
+            self.prometheus.update_targets("satellite", self._agent_targets)
         if self.inference_metrics is not None:
             self.inference_metrics.set_placement(placement, 0)
 
@@ -280,6 +286,28 @@ class Testbed:
             home,
         )
 
+    def _wait_for_first_scrapes(self, timeout_s: float = 20.0) -> None:
+        """Return once Prometheus has scraped every target we gave it.
+
+        Work done before a series' first scrape shows in its first sample,
+        so rate() never sees it; waiting here keeps the first request of a
+        run on the dashboards.
+        """
+        from monitoring.prometheus import query
+
+        expected = 1 + len(getattr(self, "_agent_targets", []))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            up = query(self.prometheus.url, "up")
+            if len(up) >= expected and all(r["value"][1] == "1" for r in up):
+                return
+            time.sleep(0.25)
+        log.warning(
+            "Prometheus has not scraped all %d targets within %.0f s",
+            expected,
+            timeout_s,
+        )
+
     # -- every timestep --------------------------------------------------
 
     def _on_step(self, report: Any) -> None:
@@ -299,9 +327,17 @@ class Testbed:
             self._busy_seen_s = busy_total
             # Busy time is wall time; the model steps in scenario time.
             busy_fraction = np.clip(busy * self.scenario.time.speed / dt_s, 0.0, 1.0)
-            tx_bits, rx_bits = self._radio_bits(dt_s)
+            isl_tx, isl_rx, gsl_tx, gsl_rx = self._sample_traffic()
             step = self.power.step(
-                dt_s, sunlit, None, busy_fraction, tx_bits, rx_bits, alt_km[:n_sats]
+                dt_s,
+                sunlit,
+                None,
+                busy_fraction,
+                isl_tx,
+                isl_rx,
+                alt_km[:n_sats],
+                gsl_tx_bits=gsl_tx,
+                gsl_rx_bits=gsl_rx,
             )
             self.share.set_throttle(step.throttle_factor)
             self._last_power_t_s = t_s
@@ -360,25 +396,42 @@ class Testbed:
             except (OSError, ValueError, KeyError) as exc:
                 log.warning("cannot count inference report %s: %s", path, exc)
 
-    def _radio_bits(self, dt_s: float) -> tuple[np.ndarray, np.ndarray]:
-        """Bits each satellite sent and received over its links in the step.
+    def _sample_traffic(self) -> tuple[np.ndarray, ...]:
+        """Bits each satellite sent and received since the last sample.
 
-        Taken from the kernel's per-link byte counters where the emulator
-        reads them; zero otherwise (see docs/limitations.md).
+        Returns ISL transmit, ISL receive, GSL transmit and GSL receive bits
+        per satellite, from the kernel's per-link counters. Reading them
+        costs a netlink dump per node, so with many nodes it happens every
+        few steps and the bits of those steps are charged at once (the
+        energy is the same).
         """
-        n_sats = self.emulator.n_sats
-        counters = getattr(self.emulator, "node_traffic_bytes", None)
-        if counters is None:
-            return np.zeros(n_sats), np.zeros(n_sats)
-        tx, rx = counters()
-        previous = getattr(self, "_traffic_seen", None)
-        self._traffic_seen = (tx, rx)
-        if previous is None:
-            return np.zeros(n_sats), np.zeros(n_sats)
-        return (
-            np.maximum(tx - previous[0], 0)[:n_sats] * 8.0,
-            np.maximum(rx - previous[1], 0)[:n_sats] * 8.0,
-        )
+        e = self.emulator
+        n_sats = e.n_sats
+        zeros = np.zeros(n_sats)
+        self._steps_since_traffic += 1
+        every = max(1, len(e.names) // TRAFFIC_NODES_PER_STEP)
+        if self._steps_since_traffic < every:
+            return zeros, zeros, zeros, zeros
+        self._steps_since_traffic = 0
+        sent, dropped = e.link_traffic()
+        self._link_sent, self._link_dropped = sent, dropped
+        previous = self._sent_seen
+        self._sent_seen = sent
+        if previous is None or len(previous) != len(sent):
+            return zeros, zeros, zeros, zeros
+        delta = np.maximum(sent - previous, 0.0) * 8.0
+        a, b, kind = e.link_a[: len(sent)], e.link_b[: len(sent)], e.link_kind
+        out = []
+        for link_kind in (0, 1):  # ISL, then GSL
+            mask = kind[: len(sent)] == link_kind
+            tx = np.zeros(len(e.names))
+            rx = np.zeros(len(e.names))
+            np.add.at(tx, a[mask], delta[mask, 0])
+            np.add.at(tx, b[mask], delta[mask, 1])
+            np.add.at(rx, b[mask], delta[mask, 0])
+            np.add.at(rx, a[mask], delta[mask, 1])
+            out += [tx[:n_sats], rx[:n_sats]]
+        return tuple(out)
 
     def _link_metrics(self) -> None:
         e = self.emulator
@@ -395,7 +448,19 @@ class Testbed:
             rate_bps=e.link_rate_bps[ids],
             up=e.link_up[ids].astype(float),
             loss_fraction=e.link_loss[ids],
+            **self._traffic_columns(ids),
         )
+
+    def _traffic_columns(self, ids: np.ndarray) -> dict[str, Any]:
+        sent, dropped = self._link_sent, self._link_dropped
+        if sent is None or dropped is None or len(sent) <= int(ids.max(initial=0)):
+            return {}
+        return {
+            "tx_bytes_ab": sent[ids, 0],
+            "tx_bytes_ba": sent[ids, 1],
+            "dropped_packets_ab": dropped[ids, 0],
+            "dropped_packets_ba": dropped[ids, 1],
+        }
 
     # -- running and stopping -------------------------------------------
 

@@ -575,6 +575,39 @@ class Emulator:
     def __exit__(self, *exc_info: object) -> None:
         self.down()
 
+    # --- traffic ---------------------------------------------------------
+
+    def link_traffic(self) -> tuple[np.ndarray, np.ndarray]:
+        """Cumulative bytes sent and packets dropped per link and direction.
+
+        Returns two (links, 2) arrays indexed by link id: column 0 is the
+        direction a->b, column 1 b->a. Bytes are the sender's kernel
+        transmit counter; drops are the delay line's loss decisions at the
+        receiver (zero under netem, whose drops the kernel counts in the
+        qdisc instead). A ground link's counters restart when its id is
+        reused. One netlink dump per node: at thousands of nodes, call it
+        less often than every step.
+        """
+        capacity = len(self.link_active)
+        sent = np.zeros((capacity, 2))
+        dropped = np.zeros((capacity, 2))
+        for i, name in enumerate(self.names):
+            for k, (_rx, tx, _rxd, _txd) in self.substrate.link_bytes(name).items():
+                if k < capacity and self.link_active[k]:
+                    sent[k, 0 if self.link_a[k] == i else 1] = tx
+        delayline = getattr(self.substrate, "delayline", None)
+        if delayline is not None:
+            index = {namespace_name(n): i for i, n in enumerate(self.names)}
+            prefix = len(data_ifname(0)) - 1
+            for (label, ifname), link in delayline.stats()["links"].items():
+                k = int(ifname[prefix:])
+                receiver = index.get(label)
+                if receiver is None or k >= capacity or not self.link_active[k]:
+                    continue
+                # Received at b means sent a->b.
+                dropped[k, 0 if self.link_b[k] == receiver else 1] = link["drops"]
+        return sent, dropped
+
     # --- state for `spacemoe status` ---------------------------------------
 
     def node_index(self, name: str) -> int:

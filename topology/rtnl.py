@@ -35,14 +35,17 @@ import numpy as np
 from pyroute2.netlink import (
     NLM_F_ACK,
     NLM_F_CREATE,
+    NLM_F_DUMP,
     NLM_F_EXCL,
     NLM_F_REPLACE,
     NLM_F_REQUEST,
+    NLMSG_DONE,
     NLMSG_ERROR,
 )
 from pyroute2.netlink.rtnl import (
     RTM_DELLINK,
     RTM_DELROUTE,
+    RTM_GETLINK,
     RTM_NEWADDR,
     RTM_NEWLINK,
     RTM_NEWQDISC,
@@ -75,6 +78,8 @@ IFA_LOCAL = 2
 RTA_DST = 1
 RTA_OIF = 4
 RTA_GATEWAY = 5
+RTA_PREFSRC = 7
+IFLA_STATS64 = 23
 TCA_KIND = 1
 TCA_OPTIONS = 2
 TCA_TBF_PARMS = 1
@@ -130,9 +135,11 @@ ROUTE_RECORD = np.dtype(
         ("gateway", ">u4"),
         ("oif_hdr", "<u4"),
         ("oif", "<u4"),
+        ("prefsrc_hdr", "<u4"),
+        ("prefsrc", ">u4"),
     ]
 )
-assert ROUTE_RECORD.itemsize == 52
+assert ROUTE_RECORD.itemsize == 60
 
 # How many messages go out before we wait for the kernel to catch up; the
 # error replies of one chunk must fit the receive buffer.
@@ -303,12 +310,17 @@ def netem(
     return _qdisc(index, "netem", options, create)
 
 
-def route_records(dest: np.ndarray, gateway: np.ndarray, oif: np.ndarray) -> np.ndarray:
+def route_records(
+    dest: np.ndarray, gateway: np.ndarray, oif: np.ndarray, prefsrc: int
+) -> np.ndarray:
     """Host routes as packed RTM_NEWROUTE / RTM_DELROUTE records.
 
     `dest` and `gateway` are IPv4 addresses as unsigned integers, `oif` the
     output interface index. A gateway of 0 deletes the route to `dest`;
-    otherwise the route is created or replaced.
+    otherwise the route is created or replaced. `prefsrc` (the node's own
+    /32) is the source address the node's sockets pick for the route:
+    without it they would pick the outgoing link's address, which only the
+    neighbour can reach.
     """
     count = len(dest)
     records = np.zeros(count, dtype=ROUTE_RECORD)
@@ -330,6 +342,8 @@ def route_records(dest: np.ndarray, gateway: np.ndarray, oif: np.ndarray) -> np.
     records["gateway"] = gateway
     records["oif_hdr"] = 8 | (RTA_OIF << 16)
     records["oif"] = oif
+    records["prefsrc_hdr"] = 8 | (RTA_PREFSRC << 16)
+    records["prefsrc"] = prefsrc
     return records
 
 
@@ -393,6 +407,48 @@ class NetlinkChannel:
             self._seq += len(chunk)
             failures += self._exchange(chunk.tobytes(), first, len(chunk), start)
         return failures
+
+    def link_stats(self) -> dict[int, tuple[int, int, int, int]]:
+        """Byte counters of every interface: index -> (rx, tx, rx drop, tx drop).
+
+        One RTM_GETLINK dump; counters are the kernel's 64-bit ones.
+        """
+        seq = self._seq
+        self._seq += 1
+        body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0)
+        header = _HEADER.pack(
+            16 + len(body), RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, seq, 0
+        )
+        self.sock.send(header + body)
+        stats: dict[int, tuple[int, int, int, int]] = {}
+        view = memoryview(self._recv_buffer)
+        while True:
+            size = self.sock.recv_into(view)
+            offset = 0
+            while offset + 16 <= size:
+                length, kind, _flags, got_seq, _ = _HEADER.unpack_from(view, offset)
+                if got_seq == seq:
+                    if kind == NLMSG_DONE:
+                        return stats
+                    if kind == NLMSG_ERROR:
+                        code = -struct.unpack_from("=i", view, offset + 16)[0]
+                        raise EmulationError(
+                            f"netlink: link dump refused: {errno.errorcode.get(code)}"
+                        )
+                    if kind == RTM_NEWLINK:
+                        index = struct.unpack_from("=i", view, offset + 20)[0]
+                        attr = offset + 32
+                        end = offset + length
+                        while attr + 4 <= end:
+                            alen, atype = struct.unpack_from("=HH", view, attr)
+                            if alen < 4:
+                                break
+                            if atype & 0x3FFF == IFLA_STATS64:
+                                c = struct.unpack_from("=8Q", view, attr + 4)
+                                stats[index] = (c[2], c[3], c[6], c[7])
+                                break
+                            attr += alen + (-alen % 4)
+                offset += length + (-length % 4)
 
     def _exchange(
         self, buffer: bytes | bytearray, first: int, count: int, base: int

@@ -253,6 +253,7 @@ class KernelSubstrate(Substrate):
         self.delayline_workers = delayline_workers
         self.shaping_mode: ShapingMode = "tbf+delayline"
         self.nodes: dict[str, Namespace] = {}
+        self.node_address: dict[str, int] = {}
         self.links: dict[int, _Link] = {}
         self.root: Namespace | None = None
         self.delayline: Any = None
@@ -360,6 +361,7 @@ class KernelSubstrate(Substrate):
                 raise EmulationError(f"node {node.name!r} exists already")
             namespace = self._open_node(node.name)
             self.nodes[node.name] = namespace
+            self.node_address[node.name] = int(node.address)
             namespace.sysctl(NODE_SYSCTLS)
             namespace.send(
                 [
@@ -568,7 +570,9 @@ class KernelSubstrate(Substrate):
         namespace = self._node(node)
         via = np.asarray(routes.via, np.uint32)
         oif = np.where(via == 0, 0, data_ifindex(0) + np.asarray(routes.link_id))
-        records = rtnl.route_records(routes.dest, via, oif.astype(np.uint32))
+        records = rtnl.route_records(
+            routes.dest, via, oif.astype(np.uint32), self.node_address[node]
+        )
         failures = namespace.send_records(records)
         # A route through a link that went down was flushed by the kernel
         # already; deleting it again is not an error.
@@ -585,6 +589,14 @@ class KernelSubstrate(Substrate):
                 f"{node}: the kernel refused {len(bad)} of {len(routes)} route "
                 f"changes: {shown}"
             )
+
+    # --- counters ------------------------------------------------------
+
+    def link_bytes(self, node: str) -> dict[int, tuple[int, int, int, int]]:
+        """Data-plane link id -> (rx, tx, rx dropped, tx dropped) at `node`."""
+        stats = self._node(node).channel.link_stats()
+        base = data_ifindex(0)
+        return {index - base: c for index, c in stats.items() if index >= base}
 
     # --- teardown --------------------------------------------------------
 
