@@ -216,6 +216,9 @@ class Broker:
             log.warning("broker of %s ignored SIGTERM; killing pid %s", self.node, pid)
             os.kill(pid, signal.SIGKILL)
             self._wait_gone(pid, timeout_s)
+        # It may have turned zombie between the two checks in _wait_gone:
+        # collect it now, so no trace of it stays in the process table.
+        self._reap(pid, block=True)
         self.pid_path.unlink(missing_ok=True)
         log.info("broker of %s stopped", self.node)
 

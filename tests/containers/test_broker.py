@@ -38,7 +38,9 @@ def mqtt5_connects(host: str, port: int) -> bool:
 
 
 def port_is_free(port: int) -> bool:
+    """Nothing listens on `port` (a closed connection in TIME_WAIT is fine)."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:

@@ -215,3 +215,15 @@ def test_run_follows_the_clock_and_stops(emulator) -> None:
     assert 1 <= steps <= 22
     assert emulator.t_s - t_before == pytest.approx(20.0, abs=3.0)
     assert status()["t_s"] == emulator.t_s
+
+
+@pytest.mark.root
+def test_sockets_in_a_node_are_answered_across_hops(emulator) -> None:
+    # No -I: the kernel picks the source from the route (RTA_PREFSRC), which
+    # must be the node's /32 for replies to find their way back.
+    multi_hop_time(emulator, emulator.t_s)
+    target = str(emulator.plan.node_address(emulator.node_index(B)))
+    out = emulator.substrate.run(
+        A, ["ping", "-n", "-c", "3", "-i", "0.1", "-W", "2", target], check=False
+    ).stdout
+    assert " 0% packet loss" in out, out

@@ -117,19 +117,22 @@ def test_route_records_layout() -> None:
         np.array([0xC6120002, 0xC6120003], np.uint32),
         np.array([0xC6130001, 0], np.uint32),
         np.array([100_000, 0], np.uint32),
+        0xC6120001,
     )
     raw = records.tobytes()
-    assert len(raw) == 2 * 52
+    assert len(raw) == 2 * 60
     length, kind, flags = struct.unpack_from("=IHH", raw)
-    assert (length, kind) == (52, rtnl.RTM_NEWROUTE)
+    assert (length, kind) == (60, rtnl.RTM_NEWROUTE)
     assert flags & rtnl.NLM_F_REPLACE and flags & rtnl.NLM_F_CREATE
     family, dst_len, _, _, table, protocol = struct.unpack_from("=6B", raw, 16)
     assert (family, dst_len, table, protocol) == (2, 32, 254, rtnl.RTPROT_STATIC)
-    top = attrs(raw[28:52])
+    top = attrs(raw[28:60])
     assert top[rtnl.RTA_DST] == bytes([198, 18, 0, 2])
     assert top[rtnl.RTA_GATEWAY] == bytes([198, 19, 0, 1])
     assert struct.unpack("=I", top[rtnl.RTA_OIF]) == (100_000,)
-    assert struct.unpack_from("=H", raw, 52 + 4) == (rtnl.RTM_DELROUTE,)
+    # Sockets in the node pick its /32 as source, not the link's /31.
+    assert top[rtnl.RTA_PREFSRC] == bytes([198, 18, 0, 1])
+    assert struct.unpack_from("=H", raw, 60 + 4) == (rtnl.RTM_DELROUTE,)
 
 
 def test_interface_names_are_checked() -> None:
