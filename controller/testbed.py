@@ -481,6 +481,7 @@ class Testbed:
         def on_signal(signum: int, frame: Any) -> None:
             self._stop.set()
 
+        require_root()
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         try:

@@ -1,0 +1,162 @@
+"""The `spacemoe` command as a user runs it: bad input, crashes, clean-up.
+
+Every bad input must end in one line on stderr naming the value and the
+fix, a non-zero exit, and nothing left behind. The crash test kills a
+running `spacemoe up` with SIGKILL and checks that `spacemoe clean`
+removes every namespace and process it had started. Commands run as
+subprocesses inside the module's private namespaces (`net_sandbox`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def spacemoe(
+    *args: str, run_dir: Path, timeout_s: float = 120.0, user: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "controller.cli", *args]
+    if user is not None:
+        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"]
+        argv += [sys.executable, "-m", "controller.cli", *args]
+    env = {**os.environ, "SPACEMOE_RUN_DIR": str(run_dir), "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        argv, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=REPO
+    )
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode != 0, proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_unknown_field_names_the_closest_one(tmp_path: Path) -> None:
+    scenario = write(tmp_path / "s.yaml", "isl:\n  rate_bsp: 1.0e+6\n")
+    line = one_line_error(spacemoe("snapshot", str(scenario), run_dir=tmp_path))
+    assert "isl.rate_bsp" in line and "did you mean 'rate_bps'" in line
+
+
+def test_out_of_range_value_names_the_bound(tmp_path: Path) -> None:
+    scenario = write(tmp_path / "s.yaml", "gsl:\n  min_elevation_deg: 95\n")
+    line = one_line_error(spacemoe("snapshot", str(scenario), run_dir=tmp_path))
+    assert "gsl.min_elevation_deg" in line and "95" in line and "90" in line
+
+
+def test_malformed_tle_names_file_line_and_checksum(tmp_path: Path) -> None:
+    good1 = "1 25544U 98067A   24001.50000000  .00016717  00000-0  10270-3 0  9009"
+    good2 = "2 25544  51.6416 247.4627 0006703 130.5360 325.0288 15.50377579 12345"
+    bad2 = good2[:-1] + str((int(good2[-1]) + 1) % 10)
+    tle = write(tmp_path / "bad.tle", f"ISS\n{good1}\n{bad2}\n")
+    scenario = write(
+        tmp_path / "s.yaml", f"shells:\n  - kind: tle\n    tle_file: {tle}\n"
+    )
+    line = one_line_error(spacemoe("snapshot", str(scenario), run_dir=tmp_path))
+    assert "bad.tle" in line and ":3" in line and "checksum" in line
+
+
+def test_missing_scenario_file(tmp_path: Path) -> None:
+    line = one_line_error(spacemoe("snapshot", "nope.yaml", run_dir=tmp_path))
+    assert "nope.yaml" in line and "cannot read" in line
+
+
+@pytest.mark.root
+def test_without_root_up_refuses_and_names_sudo(tmp_path: Path) -> None:
+    tmp_path.chmod(0o777)
+    line = one_line_error(spacemoe("up", run_dir=tmp_path, user="65534"))
+    assert "root" in line and "sudo" in line
+    assert not list(tmp_path.glob("*.pid"))
+
+
+@pytest.mark.root
+def test_exec_on_an_unknown_node(net_sandbox: None, tmp_path: Path) -> None:
+    line = one_line_error(spacemoe("exec", "s9-9-9", "--", "true", run_dir=tmp_path))
+    assert "s9-9-9" in line and "spacemoe status" in line
+
+
+@pytest.mark.root
+def test_bad_scenario_leaves_nothing_running(net_sandbox: None, tmp_path: Path) -> None:
+    scenario = write(tmp_path / "s.yaml", "moe:\n  placement: random\n")
+    line = one_line_error(spacemoe("up", str(scenario), run_dir=tmp_path))
+    assert "moe.placement" in line and "'random'" in line
+    assert not list(Path("/run/netns").glob("smoe-*"))
+    assert not (tmp_path / "emulator.pid").exists()
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_clean_after_kill_9_of_a_full_up(net_sandbox: None, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    up = spacemoe("up", "--detach", run_dir=run_dir, timeout_s=300)
+    assert up.returncode == 0, up.stderr
+    pid = int((run_dir / "emulator.pid").read_text())
+    started = _our_pids(run_dir)
+    assert len(started) >= 10, started  # delay line, brokers, zygote, agents, ...
+    assert list(Path("/run/netns").glob("smoe-*"))
+
+    os.kill(pid, signal.SIGKILL)
+    _wait_gone([pid])
+    clean = spacemoe("clean", run_dir=run_dir)
+    assert clean.returncode == 0, clean.stderr
+    assert "removed" in clean.stdout
+
+    assert not list(Path("/run/netns").glob("smoe-*"))
+    _wait_gone(started)
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True)
+    assert "smoe" not in links.stdout
+    rules = subprocess.run(["iptables-save"], capture_output=True, text=True)
+    assert "smoe" not in rules.stdout
+    again = spacemoe("clean", run_dir=run_dir)
+    assert "nothing of ours" in again.stdout
+
+
+def _our_pids(run_dir: Path) -> list[int]:
+    """Live processes recorded in the run directory's pid files."""
+    pids = []
+    for path in run_dir.rglob("*pid"):
+        try:
+            pid = int(path.read_text().split()[0])
+        except (ValueError, IndexError, OSError):
+            continue
+        if Path(f"/proc/{pid}").exists():
+            pids.append(pid)
+    return pids
+
+
+def _wait_gone(pids: list[int], timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = [p for p in pids if _running(p)]
+        if not alive:
+            return
+        assert time.monotonic() < deadline, f"still running: {alive}"
+        time.sleep(0.1)
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    if stat.rsplit(")", 1)[1].split()[0] == "Z":
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        return False
+    return True
