@@ -21,8 +21,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.topology.conftest import net_sandbox  # noqa: F401  (fixture)
-
 REPO = Path(__file__).resolve().parents[2]
 PLAYBOOKS = REPO / "playbooks"
 BIN = Path(sys.executable).parent
@@ -193,11 +191,8 @@ def _our_leftovers(run_dir: Path) -> list[str]:
 
 
 @pytest.fixture
-def sandboxed_run_dir(net_sandbox: None, tmp_path: Path) -> Iterator[Path]:  # noqa: F811
+def sandboxed_run_dir(net_sandbox: None, tmp_path: Path) -> Iterator[Path]:
     """A run directory for a cycle inside the sandbox; cleaned up whatever happens."""
-    # A new network namespace starts with loopback down; Prometheus and the
-    # checks talk over 127.0.0.1.
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     run_dir = tmp_path / "run"
     try:
         yield run_dir
