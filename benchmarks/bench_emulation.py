@@ -38,39 +38,10 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
+from constellations import MID_LATITUDE_STATIONS, SHELLS_BY_SIZE
 
-SHELLS = {
-    66: {
-        "kind": "walker-star",
-        "planes": 6,
-        "sats_per_plane": 11,
-        "phasing": 2,
-        "altitude_km": 780,
-        "inclination_deg": 86.4,
-    },
-    400: {
-        "kind": "walker-delta",
-        "planes": 20,
-        "sats_per_plane": 20,
-        "phasing": 1,
-        "altitude_km": 600,
-        "inclination_deg": 60.0,
-    },
-    1584: {
-        "kind": "walker-delta",
-        "planes": 72,
-        "sats_per_plane": 22,
-        "phasing": 39,
-        "altitude_km": 550,
-        "inclination_deg": 53.0,
-    },
-}
-
-STATIONS = [
-    {"name": "madrid", "lat_deg": 40.42, "lon_deg": -3.70, "alt_m": 650},
-    {"name": "denver", "lat_deg": 39.74, "lon_deg": -104.99, "alt_m": 1600},
-    {"name": "tokyo", "lat_deg": 35.68, "lon_deg": 139.69, "alt_m": 40},
-]
+SHELLS = SHELLS_BY_SIZE
+STATIONS = MID_LATITUDE_STATIONS
 
 
 def mem_available_bytes() -> int:

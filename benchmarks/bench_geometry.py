@@ -23,45 +23,15 @@ import time
 from dataclasses import replace
 
 import numpy as np
+from constellations import LABELS, MID_LATITUDE_STATIONS, SHELLS_BY_SIZE
 
 from topology.config import from_dict
 from topology.links import Geometry
 from topology.routing import Router
 from topology.scenario import GroundStationConfig, ShellConfig, load_scenario
 
-SHELLS = {
-    "iridium-like 6x11": {
-        "kind": "walker-star",
-        "planes": 6,
-        "sats_per_plane": 11,
-        "phasing": 2,
-        "altitude_km": 780,
-        "inclination_deg": 86.4,
-    },
-    "walker-delta 20x20": {
-        "kind": "walker-delta",
-        "planes": 20,
-        "sats_per_plane": 20,
-        "phasing": 1,
-        "altitude_km": 600,
-        "inclination_deg": 60.0,
-    },
-    "starlink shell 1 72x22": {
-        "kind": "walker-delta",
-        "planes": 72,
-        "sats_per_plane": 22,
-        "phasing": 39,
-        "altitude_km": 550,
-        "inclination_deg": 53.0,
-    },
-}
-
-
-MID_LATITUDE = [
-    {"name": "madrid", "lat_deg": 40.42, "lon_deg": -3.70, "alt_m": 650},
-    {"name": "denver", "lat_deg": 39.74, "lon_deg": -104.99, "alt_m": 1600},
-    {"name": "tokyo", "lat_deg": 35.68, "lon_deg": 139.69, "alt_m": 40},
-]
+SHELLS = {LABELS[n]: shell for n, shell in SHELLS_BY_SIZE.items()}
+MID_LATITUDE = MID_LATITUDE_STATIONS
 
 
 def percentiles_ms(samples: list[float]) -> str:
