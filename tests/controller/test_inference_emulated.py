@@ -32,14 +32,10 @@ PROMPT = "import os"
 
 
 @pytest.fixture
-def emulator() -> Iterator[object]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to build the emulated network")
+def emulator(net_sandbox: None) -> Iterator[object]:
     from topology.emulator import Emulator
     from topology.scenario import load_scenario
 
-    if any(Path("/run/netns").glob("smoe-s0-*")):
-        pytest.skip("another emulation of the same node names is running")
     emulator = Emulator(load_scenario(None))
     emulator.up()
     try:
