@@ -255,7 +255,10 @@ def test_up_workload_check_down_against_localhost(
     _recap_changed(*_playbook("workload.yml", env, "-e", workload))
     report = json.loads((fetched / "localhost" / "infer-0.json").read_text())
     assert len(report["tokens"]) == 4 and len(report["rows"]) == 4
-    assert list((fetched / "localhost" / "report").glob("*.png"))
+    drawn = sandboxed_run_dir / "results" / "ansible" / "report"
+    pngs = sorted(p.name for p in (fetched / "localhost" / "report").glob("*.png"))
+    assert "overview.png" in pngs
+    assert pngs == sorted(p.name for p in drawn.glob("*.png"))
 
     assert _recap_changed(*_playbook("check.yml", env)) == 0
 
