@@ -104,6 +104,7 @@ class Testbed:
         self.metrics: Any = None
         self.inference_metrics: Any = None
         self._reports_seen: set[str] = set()
+        self._exported_j: dict[str, np.ndarray] = {}
         self._busy_seen_s: np.ndarray | None = None
         self._sent_seen: np.ndarray | None = None
         self._link_sent: np.ndarray | None = None
@@ -366,8 +367,8 @@ class Testbed:
                 temperature_c=step.temperature_c,
                 throttle_factor=step.throttle_factor,
                 sunlit=sunlit.astype(float),
-                energy_consumed_j=counters["load_wh"] * wh_to_j,
-                energy_harvested_j=counters["solar_wh"] * wh_to_j,
+                energy_consumed_j=self._monotonic("consumed", counters["load_wh"]),
+                energy_harvested_j=self._monotonic("solar", counters["solar_wh"]),
             )
         if report is not None:
             self.metrics.step_done(
@@ -381,6 +382,20 @@ class Testbed:
                     "shape": report.shaping_changes,
                 },
             )
+
+    def _monotonic(self, name: str, energy_wh: np.ndarray) -> np.ndarray:
+        """`energy_wh` in joules, never below what was exported before.
+
+        The model derives some energies as sums and differences, which can
+        step back by a rounding error; Prometheus would read that as a
+        counter reset and show a spike.
+        """
+        joules = np.asarray(energy_wh) * 3600.0
+        previous = self._exported_j.get(name)
+        if previous is not None:
+            joules = np.maximum(joules, previous)
+        self._exported_j[name] = joules
+        return joules
 
     def _ingest_reports(self) -> None:
         """Count the generations `spacemoe infer` finished since last step."""

@@ -203,10 +203,14 @@ PANELS: tuple[Panel, ...] = (
     Panel("spacemoe-power", "Battery power (charging > 0)", (
         _q(f"spacemoe_battery_power_watts{{{SAT}}}", "{{satellite}}"),
     ), unit="watt"),
+    # Energy accrues in scenario time; dividing by the scenario clock's pace
+    # gives watts also when the scenario runs faster than real time.
     Panel("spacemoe-power", "Average power from energy counters", (
-        _q(f"rate(spacemoe_energy_consumed_joules_total{{{SAT}}}[{RATE}])",
+        _q(f"rate(spacemoe_energy_consumed_joules_total{{{SAT}}}[{RATE}]) / "
+           f"scalar(deriv(spacemoe_scenario_time_seconds[{RATE}]))",
            "{{satellite}} consumed"),
-        _q(f"rate(spacemoe_solar_energy_joules_total{{{SAT}}}[{RATE}])",
+        _q(f"rate(spacemoe_solar_energy_joules_total{{{SAT}}}[{RATE}]) / "
+           f"scalar(deriv(spacemoe_scenario_time_seconds[{RATE}]))",
            "{{satellite}} harvested"),
     ), unit="watt"),
     Panel("spacemoe-power", "Payload temperature", (
