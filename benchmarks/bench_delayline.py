@@ -152,7 +152,14 @@ def role_nfq(args: argparse.Namespace) -> None:
     """A delay line on netfilterqueue: accept at once, or retain for --delay-s."""
     from collections import deque
 
-    from netfilterqueue import COPY_META, COPY_PACKET, NetfilterQueue
+    try:
+        from netfilterqueue import COPY_META, COPY_PACKET, NetfilterQueue
+    except ImportError:
+        sys.exit(
+            "the 'compare' benchmark needs the netfilterqueue binding: "
+            "apt-get install libnetfilter-queue-dev && .venv/bin/pip install "
+            "netfilterqueue==1.1.0"
+        )
 
     count = 0
     held: deque[tuple[float, object]] = deque()

@@ -213,6 +213,9 @@ class PrometheusServer:
         _check_port_free(self.port)
         self.write_config()
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        # Targets of an earlier run in the same directory are not this run's.
+        for stale in self.targets_dir.glob("*.json"):
+            stale.unlink()
 
         argv = [
             self.binary,
