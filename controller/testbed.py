@@ -640,6 +640,15 @@ def format_status(state: dict[str, Any]) -> str:
     ]
     if gsl:
         lines.append("ground     " + ", ".join(gsl))
+    nodes = counts.get("nodes") or 0
+    lines.append(f"routes     {max(nodes - 1, 0)} per node, to every other node's /32")
+    paths = state.get("paths", {})
+    stations = sorted(paths)
+    for i, a in enumerate(stations):
+        for b in stations[i + 1 :]:
+            hops = paths[a].get(b) or []
+            shown = " > ".join(hops) if hops else "no path"
+            lines.append(f"path       {a} to {b}: {shown}")
     moe = state.get("moe")
     if moe:
         holders = sorted({n for p in moe["placement"] for n in p["nodes"]})

@@ -291,3 +291,51 @@ def test_metrics_hook_counts_requests_and_shards(
     assert value("spacemoe_expert_shards_loaded") == 1
     assert value("spacemoe_expert_shard_bytes") == 3 * 32 * 64 * 4
     assert value("spacemoe_expert_payload_bytes_total", direction="in") > 2 * 2 * 32 * 4
+
+
+def test_throttle_stretches_expert_work_and_zero_refuses(
+    tiny_shards: tuple[MoeLM, Path],
+) -> None:
+    model, shard_dir = tiny_shards
+    speed = [1.0]
+    port = free_port()
+    broker = Broker(NODE, "127.0.0.1", port, namespace=None).start()
+    agent = Agent(NODE, "127.0.0.1", port, shard_dir, throttle=lambda: speed[0])
+    agent.load(1, 2, shard_file_name(1, 2))
+    requester = None
+    rows = torch.randn(512, model.cfg.d_model)
+
+    def compute_s(n: int = 5) -> float:
+        times = []
+        for i in range(n):
+            request = wire.encode_request(100 + i, 1, 2, rows)
+            reply = wire.decode_reply(
+                requester.ask(wire.request_topic(NODE, 1, 2), request)
+            )
+            assert isinstance(reply, wire.ExpertReply)
+            times.append(reply.compute_s)
+        return sorted(times)[n // 2]
+
+    try:
+        agent.start()
+        requester = Requester(port)
+        full = compute_s()
+        speed[0] = 0.25
+        slowed = compute_s()
+        speed[0] = 0.0
+        refused = wire.decode_reply(
+            requester.ask(
+                wire.request_topic(NODE, 1, 2), wire.encode_request(7, 1, 2, rows)
+            )
+        )
+    finally:
+        if requester is not None:
+            requester.close()
+        agent.stop()
+        broker.stop()
+
+    # A quarter of the speed takes about four times as long.
+    assert slowed > 2.5 * full, (full, slowed)
+    assert isinstance(refused, wire.ExpertError)
+    assert refused.code == wire.ErrorCode.THROTTLED
+    assert "another replica" in refused.text
