@@ -98,6 +98,7 @@ class PrometheusServer:
         ) / "prometheus"
         self.config_path = self.dir / "prometheus.yml"
         self.targets_dir = self.dir / "targets"
+        self._target_files: set[str] = set()
         self.data_dir = self.dir / "data"
         self.pid_path = self.dir / "prometheus.pid"
         self.log_path = self.dir / "prometheus.log"
@@ -171,6 +172,7 @@ class PrometheusServer:
             groups.append({"targets": [target], "labels": {"role": name, **labels}})
         self.targets_dir.mkdir(parents=True, exist_ok=True)
         path = self.targets_dir / f"{name}.json"
+        self._target_files.add(path.name)
         _write_atomically(path, json.dumps(groups, indent=1) + "\n")
         log.debug("wrote %d targets to %s", len(groups), path)
         return path
@@ -215,7 +217,8 @@ class PrometheusServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # Targets of an earlier run in the same directory are not this run's.
         for stale in self.targets_dir.glob("*.json"):
-            stale.unlink()
+            if stale.name not in self._target_files:
+                stale.unlink()
 
         argv = [
             self.binary,
