@@ -189,8 +189,12 @@ class Testbed:
             registry, power_satellites=names[: self.emulator.n_sats]
         )
         # `spacemoe infer` runs are short-lived processes; their reports are
-        # fed to these long-lived series (see _ingest_reports).
+        # fed to these long-lived series (see _ingest_reports). Reports of
+        # earlier runs in the same directory are not this run's.
         self.inference_metrics = InferenceMetrics(registry)
+        self._reports_seen = {
+            p.name for p in (run_dir() / "results").glob("infer-*.json")
+        }
         self.exporter = serve(registry, "127.0.0.1", EMULATOR_METRICS_PORT)
         self.prometheus = PrometheusServer(
             run_dir(),
@@ -315,11 +319,11 @@ class Testbed:
         """Advance power and heat, throttle agents, publish metrics."""
         emulator = self.emulator
         t_s = emulator.t_s
-        constellation = emulator.geometry.constellation
+        geometry = emulator.geometry_state
         n_sats = emulator.n_sats
         dt_s = t_s - self._last_power_t_s
-        lat, lon, alt_km = constellation.geodetic(t_s)
-        sunlit = constellation.sunlit(t_s)
+        lat, lon, alt_km = geometry.lat_deg, geometry.lon_deg, geometry.alt_km
+        sunlit = geometry.sunlit[:n_sats]
 
         step = None
         if dt_s > 0:

@@ -49,7 +49,7 @@ import numpy as np
 
 from topology.addressing import AddressPlan, data_ifname
 from topology.errors import EmulationError, NodeNotFound
-from topology.links import GSL, Geometry, LinkState
+from topology.links import GSL, Geometry, GeometryState, LinkState
 from topology.routing import RouteChanges, Router
 from topology.rundir import namespace_name, run_dir
 from topology.scenario import Scenario
@@ -157,6 +157,9 @@ class Emulator:
         self._next_id = 0
 
         self.t_s = 0.0
+        # The geometry of the last step (positions, sunlit, links), for
+        # whoever steps alongside the network (the power model, metrics).
+        self.geometry_state: GeometryState | None = None
         self.counters = RunCounters()
         self._is_up = False
         self._stop = threading.Event()
@@ -212,6 +215,7 @@ class Emulator:
         )
 
         state = self.geometry.step(0.0)
+        self.geometry_state = state
         links = state.links
         # Neighbour entries: both ends of every link, and each node plus the
         # root on the management network.
@@ -335,7 +339,8 @@ class Emulator:
         report = StepReport(t_s)
         clock = time.perf_counter()
 
-        links = self.geometry.step(t_s).links
+        self.geometry_state = self.geometry.step(t_s)
+        links = self.geometry_state.links
         now = time.perf_counter()
         report.geometry_s, clock = now - clock, now
 
