@@ -232,6 +232,10 @@ class Substrate(ABC):
         )
 
     @abstractmethod
+    def link_bytes(self, node: str) -> dict[int, tuple[int, int, int, int]]:
+        """Link id -> (rx bytes, tx bytes, rx dropped, tx dropped) at `node`."""
+
+    @abstractmethod
     def helper_pids(self) -> list[int]:
         """Processes the substrate started (the delay line), for pidfiles."""
 
