@@ -172,22 +172,25 @@ class Deployment:
 def ensure_shards(checkpoint: str | Path | None = None) -> Path:
     """A shard directory cut from `checkpoint` (default: the shipped one).
 
-    Cut once into ``run_dir()/shards/<first 16 hex of the weights' sha256>``
-    and reused while the checkpoint is unchanged.
+    `checkpoint` is our checkpoint or a local Hugging Face MoE directory
+    (see moe.serving). Cut once into ``run_dir()/shards/<fingerprint of the
+    weights>`` and reused while the weights are unchanged; the manifest is
+    written last, so a cut that died half-way is done again.
     """
-    from moe.checkpoint import checkpoint_paths, load_checkpoint
-    from moe.shards import MANIFEST_NAME, cut_model, sha256_of_file
+    from moe.errors import CheckpointError
+    from moe.serving import resolve_model_source
+    from moe.shards import MANIFEST_NAME
 
-    weights_path, _ = checkpoint_paths(checkpoint)
-    if not weights_path.is_file():
-        raise InferenceError(
-            f"model checkpoint {weights_path} not found; train one with "
-            "`python -m moe.train --out moe/checkpoints` or give moe.checkpoint"
-        )
-    directory = run_dir() / "shards" / sha256_of_file(weights_path)[:16]
+    try:
+        source = resolve_model_source(checkpoint)
+    except CheckpointError as exc:
+        raise InferenceError(f"moe.checkpoint: {exc}") from None
+    directory = run_dir() / "shards" / source.fingerprint()
     if not (directory / MANIFEST_NAME).is_file():
-        cut_model(load_checkpoint(checkpoint), directory)
-        log.info("cut %s into shards at %s", weights_path.name, directory)
+        source.cut(directory)
+        log.info(
+            "cut %s model %s into shards at %s", source.family, source.path, directory
+        )
     return directory
 
 
@@ -216,8 +219,8 @@ def run_inference(
         infer,
         propagation_delays_s,
     )
-    from moe.checkpoint import load_checkpoint
-    from moe.shards import load_home_model, load_manifest
+    from moe.serving import load_serving_models
+    from moe.shards import load_manifest
 
     config = config or MoeConfig()
     paths: PathModel
@@ -253,8 +256,9 @@ def run_inference(
     endpoints = {
         n["name"]: Endpoint(n["name"], str(n["address"]).split("/")[0]) for n in nodes
     }
-    model = load_home_model(manifest)
-    reference = load_checkpoint(config.checkpoint) if compare else None
+    model, reference, tokenizer = load_serving_models(
+        config.checkpoint, manifest, compare
+    )
     deployment = Deployment(endpoints, shard_dir, namespaces=True)
     executor = MqttExecutor(
         endpoints,
@@ -267,7 +271,16 @@ def run_inference(
     try:
         deployment.start(placement)
         executor.connect()
-        report = infer(model, executor, prompt, n_tokens, paths, home, reference)
+        report = infer(
+            model,
+            executor,
+            prompt,
+            n_tokens,
+            paths,
+            home,
+            reference,
+            tokenizer=tokenizer,
+        )
     finally:
         executor.close()
         deployment.stop()

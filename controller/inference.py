@@ -53,6 +53,8 @@ from containers import wire
 from containers.agent import set_nodelay
 from containers.netns import call_in_namespace
 from controller.placement import ExpertKey, Placement, placement_moves
+from moe.errors import CheckpointError
+from moe.serving import resolve_model_source
 from topology.config import spec
 from topology.errors import ConfigError, InferenceError, InferenceTimeout
 
@@ -96,7 +98,10 @@ class MoeConfig:
     )
     checkpoint: str | None = field(
         default=None,
-        metadata=spec(help="model checkpoint to cut into shards; null: shipped one"),
+        metadata=spec(
+            help="our checkpoint (.safetensors + .json) or a local Hugging Face "
+            "MoE directory (config.json, *.safetensors, tokenizer); null: shipped one"
+        ),
     )
 
     def validate(self, where: str) -> None:
@@ -105,6 +110,12 @@ class MoeConfig:
                 f"{where}.replicas: {self.replicas} exceeds k={self.k}; a replica "
                 "needs a satellite of its own"
             )
+        # Only small files are read here, so a wrong path fails at load time
+        # rather than after the network is up.
+        try:
+            resolve_model_source(self.checkpoint)
+        except CheckpointError as exc:
+            raise ConfigError(f"{where}.checkpoint: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,8 @@ from scipy.sparse.csgraph import dijkstra
 
 from controller.inference import LayerRecord, MqttExecutor, RequestRecord
 from controller.placement import Placement, placement_to_json
-from moe.model import MoeLM
+from moe.serving import ServedModel
+from moe.tokenizer import ByteTokenizer, Tokenizer, encode_prompt
 from topology.errors import InferenceError, InferenceTimeout
 
 # Per-packet framing on a veth link: Ethernet 14 + IPv4 20 + TCP 20 + TCP
@@ -354,15 +355,16 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 
 def infer(
-    model: MoeLM,
+    model: ServedModel,
     executor: MqttExecutor,
     prompt: str,
     n_tokens: int,
     paths: PathModel,
     home: str,
-    reference: MoeLM | None = None,
+    reference: ServedModel | None = None,
     on_step: Callable[[int, MqttExecutor], None] | None = None,
     metrics: TokenObserver | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> dict[str, Any]:
     """Greedy generation through `executor`, with a per-token breakdown.
 
@@ -372,11 +374,16 @@ def infer(
     reported). `on_step(i, executor)` runs before decode step i, e.g. to
     change the placement mid-run. `metrics` (e.g. monitoring.metrics.
     InferenceMetrics) gets every step's breakdown and the request's outcome.
+    `tokenizer` turns the prompt into ids and ids into text (default: our
+    byte-level one; see moe.serving for a checkpoint's own).
     Returns a JSON-able report.
     """
+    tokenizer = tokenizer or ByteTokenizer()
     started = time.perf_counter()
     try:
-        report = _generate(model, executor, prompt, n_tokens, paths, home, on_step)
+        report = _generate(
+            model, executor, prompt, n_tokens, paths, home, on_step, tokenizer
+        )
     except InferenceError as exc:
         if metrics is not None:
             status = "timeout" if isinstance(exc, InferenceTimeout) else "error"
@@ -387,26 +394,25 @@ def infer(
         observe_report(metrics, report)
     if reference is not None:
         report["reference"] = compare_with_reference(
-            reference, prompt.encode("utf-8"), report["tokens"], report.pop("_logits")
+            reference, report["prompt_ids"], report["tokens"], report.pop("_logits")
         )
     report.pop("_logits", None)
     return report
 
 
 def _generate(
-    model: MoeLM,
+    model: ServedModel,
     executor: MqttExecutor,
     prompt: str,
     n_tokens: int,
     paths: PathModel,
     home: str,
     on_step: Callable[[int, MqttExecutor], None] | None,
+    tokenizer: Tokenizer,
 ) -> dict[str, Any]:
     if n_tokens < 1:
         raise InferenceError(f"n_tokens={n_tokens}: ask for at least one token")
-    prompt_bytes = prompt.encode("utf-8")
-    if not prompt_bytes:
-        raise InferenceError("the prompt is empty; give at least one character")
+    prompt_ids = encode_prompt(tokenizer, prompt)
     executor.take_records()
     session = model.start_session(executor)
 
@@ -414,14 +420,14 @@ def _generate(
     tokens: list[int] = []
     logits_seen: list[torch.Tensor] = []
     t0 = time.perf_counter()
-    logits = session.prefill(prompt_bytes)[-1]
+    logits = session.prefill(prompt_ids)[-1]
     rows.append(_row("prefill", t0, executor, paths, home))
     for i in range(n_tokens):
         token = int(logits.argmax())
         tokens.append(token)
         logits_seen.append(logits)
         rows[-1]["token"] = token
-        rows[-1]["text"] = bytes([token]).decode("latin-1")
+        rows[-1]["text"] = tokenizer.token_text(token)
         if i == n_tokens - 1:
             break
         if on_step is not None:
@@ -432,8 +438,9 @@ def _generate(
 
     report: dict[str, Any] = {
         "prompt": prompt,
+        "prompt_ids": prompt_ids,
         "tokens": tokens,
-        "text": bytes(tokens).decode("utf-8", errors="replace"),
+        "text": tokenizer.decode(tokens),
         "home": home,
         "placement": placement_to_json(executor.placement),
         "wire_dtype": executor.wire_dtype,
@@ -474,18 +481,20 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def compare_with_reference(
-    reference: MoeLM,
-    prompt_bytes: bytes,
+    reference: ServedModel,
+    prompt_ids: Sequence[int] | bytes,
     tokens: Sequence[int],
     logits: Sequence[torch.Tensor],
 ) -> dict[str, Any]:
     """Run the single-process model on the same tokens; compare logits.
 
     The reference is fed the distributed run's tokens (teacher forcing), so
-    one early disagreement does not hide how close the rest is.
+    one early disagreement does not hide how close the rest is. Our model's
+    prompt ids are its UTF-8 bytes, so bytes are accepted as well.
     """
     session = reference.start_session()
-    ref_logits = [session.prefill(prompt_bytes)[-1]]
+    ids = list(prompt_ids)
+    ref_logits = [session.prefill(ids)[-1]]
     for token in tokens[:-1]:
         ref_logits.append(session.step(token))
     diffs = [
@@ -506,7 +515,13 @@ def observe_report(metrics: TokenObserver, report: Mapping[str, Any]) -> None:
     """
     status = report.get("status", "ok")
     if status == "ok":
-        metrics.count_prompt_tokens(len(str(report["prompt"]).encode("utf-8")))
+        # Reports from before prompt_ids was recorded held byte-level prompts.
+        prompt_ids = report.get("prompt_ids")
+        metrics.count_prompt_tokens(
+            len(prompt_ids)
+            if prompt_ids is not None
+            else len(str(report["prompt"]).encode("utf-8"))
+        )
         for row in report["rows"]:
             metrics.observe_token(
                 row["total_s"],

@@ -79,7 +79,16 @@ def moe_config(scenario: Scenario) -> Any:
     """The scenario's `moe` section, validated."""
     from controller.inference import MoeConfig
 
-    return from_dict(MoeConfig, scenario.moe, "moe")
+    # A relative checkpoint path means relative to the scenario file, as
+    # tle_file does, so a scenario and its model can move together.
+    section = dict(scenario.moe or {})
+    checkpoint = section.get("checkpoint")
+    if isinstance(checkpoint, str) and scenario.source:
+        expanded = Path(checkpoint).expanduser()
+        if not expanded.is_absolute():
+            expanded = Path(scenario.source).parent / expanded
+        section["checkpoint"] = str(expanded)
+    return from_dict(MoeConfig, section, "moe")
 
 
 class Testbed:
@@ -681,8 +690,7 @@ def infer_on_running(
     torch.set_num_threads(1)
     from controller.inference import Endpoint, MoeConfig, MqttExecutor
     from controller.latency import StatePaths, format_report, infer
-    from moe.checkpoint import load_checkpoint
-    from moe.shards import load_home_model, load_manifest
+    from moe.serving import load_serving_models
 
     require_root()
     moe_path = run_dir() / "moe.json"
@@ -706,9 +714,9 @@ def infer_on_running(
         )
     placed = {(p["layer"], p["expert"]): list(p["nodes"]) for p in doc["placement"]}
     endpoints = {n: Endpoint(**e) for n, e in doc["endpoints"].items()}
-    manifest = load_manifest(Path(doc["shard_dir"]))
-    model = load_home_model(manifest)
-    reference = load_checkpoint(config.checkpoint) if compare else None
+    model, reference, tokenizer = load_serving_models(
+        config.checkpoint, Path(doc["shard_dir"]), compare
+    )
     paths = StatePaths.from_file(run_dir() / "state.json")
     executor = MqttExecutor(
         endpoints,
@@ -723,7 +731,16 @@ def infer_on_running(
     started = time.perf_counter()
     try:
         executor.connect()
-        report = infer(model, executor, prompt, n_tokens, paths, doc["home"], reference)
+        report = infer(
+            model,
+            executor,
+            prompt,
+            n_tokens,
+            paths,
+            doc["home"],
+            reference,
+            tokenizer=tokenizer,
+        )
     except InferenceError as exc:
         status = "timeout" if isinstance(exc, InferenceTimeout) else "error"
         failed = {"status": status, "error": str(exc)}

@@ -311,7 +311,7 @@ class HfMoeModel:
         self.blocks = blocks
 
     def _attach(
-        self, executor: ExpertExecutor, on_routing: RoutingCallback | None
+        self, executor: ExpertExecutor | None, on_routing: RoutingCallback | None
     ) -> None:
         for block in self.blocks.values():
             block.executor = executor
@@ -325,9 +325,20 @@ class HfMoeModel:
         return logits
 
     def start_session(
-        self, executor: ExpertExecutor, on_routing: RoutingCallback | None = None
+        self,
+        executor: ExpertExecutor | None = None,
+        on_routing: RoutingCallback | None = None,
     ) -> HfSession:
-        """A decoding session; only one may be active per model at a time."""
+        """A decoding session; only one may be active per model at a time.
+
+        `executor` may be None only for a model without routed blocks (the
+        original model, see :func:`load_hf_reference`).
+        """
+        if executor is None and self.blocks:
+            raise InferenceError(
+                f"{type(self.model).__name__} routes {len(self.blocks)} MoE blocks "
+                "to an executor; pass one (e.g. moe.shards.ShardExecutor)"
+            )
         return HfSession(self, executor, on_routing)
 
 
@@ -337,7 +348,7 @@ class HfSession:
     def __init__(
         self,
         owner: HfMoeModel,
-        executor: ExpertExecutor,
+        executor: ExpertExecutor | None,
         on_routing: RoutingCallback | None = None,
     ) -> None:
         from transformers import DynamicCache
@@ -414,3 +425,19 @@ def wrap_hf_model(model: nn.Module) -> HfMoeModel:
     """Patch an already-loaded transformers model in place (its experts are dropped)."""
     model.eval()
     return HfMoeModel(model, patch_moe_blocks(model))
+
+
+def load_hf_reference(directory: str | Path) -> HfMoeModel:
+    """The original model of a local HF directory, experts in place, float32.
+
+    Nothing is patched, so its sessions run the family's own sparse blocks
+    in this process: the accuracy reference for split serving. It needs
+    the memory of the whole model.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        Path(directory), dtype=torch.float32, local_files_only=True
+    )
+    model.eval()
+    return HfMoeModel(model, {})
