@@ -195,8 +195,12 @@ class PrometheusServer:
             return None
         return pid
 
-    def start(self, timeout_s: float = 30.0) -> None:
+    def start(self, timeout_s: float = 30.0, keep_data: bool = False) -> None:
         """Start Prometheus and wait until it reports ready.
+
+        The data of an earlier run in the same directory is removed unless
+        `keep_data`: its series would otherwise show in this run's queries
+        for Prometheus's five-minute lookback, as it never saw them end.
 
         Raises EmulationError if the binary is missing, the port is taken,
         or it exits or does not become ready; nothing is left running then.
@@ -214,6 +218,8 @@ class PrometheusServer:
             )
         _check_port_free(self.port)
         self.write_config()
+        if not keep_data and self.data_dir.exists():
+            shutil.rmtree(self.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # Targets of an earlier run in the same directory are not this run's.
         for stale in self.targets_dir.glob("*.json"):

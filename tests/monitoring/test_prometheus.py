@@ -145,14 +145,19 @@ def test_another_process_can_stop_it_by_pid_file(tmp_path: Path) -> None:
     assert not Path(f"/proc/{pid}").exists()
 
 
-def test_targets_left_by_an_earlier_run_are_dropped_at_start(tmp_path: Path) -> None:
+def test_targets_and_data_of_an_earlier_run_are_dropped_at_start(
+    tmp_path: Path,
+) -> None:
     earlier = PrometheusServer(tmp_path, port=free_port())
     stale = earlier.update_targets("inference", [("127.0.0.1:9472", {})])
+    old_block = earlier.data_dir / "01OLDBLOCK"
+    old_block.mkdir(parents=True)
     server = PrometheusServer(tmp_path, port=free_port())
     kept = server.update_targets("satellite", [("127.0.0.1:9471", {})])
     server.start()
     try:
         assert kept.exists()
         assert not stale.exists()
+        assert not old_block.exists()
     finally:
         server.stop()
