@@ -111,7 +111,10 @@ class MoeConfig:
                 "needs a satellite of its own"
             )
         # Only small files are read here, so a wrong path fails at load time
-        # rather than after the network is up.
+        # rather than after the network is up. The shipped checkpoint is
+        # checked where it is cut (ensure_shards).
+        if self.checkpoint is None:
+            return
         try:
             resolve_model_source(self.checkpoint)
         except CheckpointError as exc:
