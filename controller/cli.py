@@ -314,8 +314,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _progress(message: str) -> None:
     """Progress lines for long steps; only on a terminal or when asked."""
+    from controller.testbed import PROGRESS_PREFIX
+
     if sys.stderr.isatty() or os.environ.get("SPACEMOE_PROGRESS"):
-        print(f"  .. {message}", file=sys.stderr, flush=True)
+        print(f"{PROGRESS_PREFIX}{message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

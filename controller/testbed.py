@@ -62,6 +62,8 @@ Say = Callable[[str], None]
 EMULATOR_METRICS_PORT = 9470
 PROMETHEUS_PORT = 9090
 READY_TIMEOUT_S = 300.0
+# Lines the CLI prints for long steps (see controller.cli._progress).
+PROGRESS_PREFIX = "  .. "
 # Link counters are read from about this many nodes' namespaces per step.
 TRAFFIC_NODES_PER_STEP = 200
 
@@ -556,15 +558,18 @@ def detach_and_wait(argv: list[str], timeout_s: float = READY_TIMEOUT_S) -> int:
     (directory / "ready.json").unlink(missing_ok=True)
     log_path = directory / "up.log"
     with open(log_path, "ab") as log_file:
+        offset = log_file.tell()
         proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=log_file,
             start_new_session=True,
+            env={**os.environ, "SPACEMOE_PROGRESS": "1"},
         )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        offset = _relay_progress(log_path, offset)
         if proc.poll() is not None:
             raise EmulationError(
                 f"`spacemoe up` exited with {proc.returncode} while starting; "
@@ -579,6 +584,21 @@ def detach_and_wait(argv: list[str], timeout_s: float = READY_TIMEOUT_S) -> int:
         f"`spacemoe up` was not ready within {timeout_s:.0f} s; log tail:\n"
         f"{_tail(log_path)}"
     )
+
+
+def _relay_progress(log_path: Path, offset: int) -> int:
+    """Echo the progress lines the background `up` logged since `offset`."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(offset)
+            chunk = f.read()
+    except OSError:
+        return offset
+    complete = chunk[: chunk.rfind(b"\n") + 1]
+    for line in complete.decode(errors="replace").splitlines():
+        if line.startswith(PROGRESS_PREFIX):
+            print(line, file=sys.stderr, flush=True)
+    return offset + len(complete)
 
 
 def stop_running(timeout_s: float = 60.0) -> str:
