@@ -303,9 +303,10 @@ def test_throttle_stretches_expert_work_and_zero_refuses(
     agent = Agent(NODE, "127.0.0.1", port, shard_dir, throttle=lambda: speed[0])
     agent.load(1, 2, shard_file_name(1, 2))
     requester = None
-    rows = torch.randn(512, model.cfg.d_model)
+    rows = torch.randn(4096, model.cfg.d_model)
 
-    def compute_s(n: int = 5) -> float:
+    def compute_s(n: int = 7) -> float:
+        """The fastest of `n` requests: the least disturbed by the machine."""
         times = []
         for i in range(n):
             request = wire.encode_request(100 + i, 1, 2, rows)
@@ -314,11 +315,12 @@ def test_throttle_stretches_expert_work_and_zero_refuses(
             )
             assert isinstance(reply, wire.ExpertReply)
             times.append(reply.compute_s)
-        return sorted(times)[n // 2]
+        return min(times)
 
     try:
         agent.start()
         requester = Requester(port)
+        compute_s(3)  # warm up caches and allocator
         full = compute_s()
         speed[0] = 0.25
         slowed = compute_s()
