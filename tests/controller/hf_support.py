@@ -15,6 +15,9 @@ from typing import Any
 
 import torch
 
+from tests.moe.test_hf import COMMON as HF_COMMON
+from tests.moe.test_hf import FAMILIES as HF_FAMILIES
+
 # Everything is built locally; never reach for the Hub. Tokenizers' thread
 # pool would make the process multi-threaded, and the root tests' sandbox
 # can only leave its mount namespace from a single-threaded process.
@@ -29,36 +32,15 @@ TEXTS = [
     "hidden states cross the links between planes",
 ]
 
-COMMON: dict[str, Any] = dict(
-    vocab_size=VOCAB_SIZE,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    num_experts_per_tok=2,
-    initializer_range=0.3,
-    tie_word_embeddings=False,
-)
-
-FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "mixtral": (
-        "MixtralConfig",
-        "MixtralForCausalLM",
-        dict(intermediate_size=48, num_local_experts=4),
-    ),
-    "qwen3_moe": (
-        "Qwen3MoeConfig",
-        "Qwen3MoeForCausalLM",
-        dict(
-            intermediate_size=40,
-            moe_intermediate_size=24,
-            num_experts=4,
-            norm_topk_prob=True,
-            head_dim=8,
-        ),
-    ),
+# The same tiny families as the import tests, with the vocabulary of the
+# tokenizer trained here and room for longer generations.
+COMMON: dict[str, Any] = {
+    **HF_COMMON,
+    "vocab_size": VOCAB_SIZE,
+    "num_hidden_layers": 2,
+    "max_position_embeddings": 128,
 }
+FAMILIES = {name: HF_FAMILIES[name] for name in ("mixtral", "qwen3_moe")}
 
 
 def save_tokenizer(directory: Path) -> None:
