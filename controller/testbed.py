@@ -703,6 +703,16 @@ def format_status(state: dict[str, Any]) -> str:
     ]
     if gsl:
         lines.append("ground     " + ", ".join(gsl))
+    partition = state.get("partition") or {}
+    hosts = partition.get("hosts") or []
+    if len(hosts) > 1:
+        index = partition.get("index", 0)
+        here = sum(1 for n in state.get("nodes", []) if n.get("netns"))
+        others = ", ".join(h for i, h in enumerate(hosts) if i != index)
+        lines.append(
+            f"partition  {index} of {len(hosts)} (underlay {hosts[index]}): "
+            f"{here} nodes here, the rest on {others}"
+        )
     nodes = counts.get("nodes") or 0
     lines.append(f"routes     {max(nodes - 1, 0)} per node, to every other node's /32")
     paths = state.get("paths", {})
