@@ -104,6 +104,22 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="scenario seconds per wall second (overrides the file)",
     )
+    sp.add_argument(
+        "--partition",
+        type=int,
+        default=None,
+        metavar="I",
+        help="run this host's share, index I into emulation.partitions "
+        "(overrides emulation.partition_index)",
+    )
+    sp.add_argument(
+        "--start-at",
+        type=float,
+        default=None,
+        metavar="UNIX_S",
+        help="scenario time 0 is this wall-clock time (seconds since 1970); "
+        "give every partition the same value so their steps line up",
+    )
     sp.set_defaults(func=_cmd_up)
 
     sp = sub.add_parser("down", help="stop the running scenario and remove it")
@@ -199,6 +215,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         monitoring=not args.no_monitoring,
         duration_s=args.duration,
         speed=args.speed,
+        partition=args.partition,
+        start_at_unix_s=args.start_at,
     )
     testbed.run_forever(progress=_progress)
     return 0

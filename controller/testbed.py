@@ -97,11 +97,17 @@ class Testbed:
     """One scenario brought up with everything that runs on it."""
 
     def __init__(
-        self, scenario: Scenario, moe: bool = True, monitoring: bool = True
+        self,
+        scenario: Scenario,
+        moe: bool = True,
+        monitoring: bool = True,
+        start_at_unix_s: float | None = None,
     ) -> None:
         from containers.power_config import load_power_config
 
         self.scenario = scenario
+        # Wall-clock time of scenario time 0, shared by all partitions.
+        self.start_at_unix_s = start_at_unix_s
         self.with_moe = moe
         self.with_monitoring = monitoring
         self.moe = moe_config(scenario)
@@ -132,9 +138,21 @@ class Testbed:
         monitoring: bool = True,
         duration_s: float | None = None,
         speed: float | None = None,
+        partition: int | None = None,
+        start_at_unix_s: float | None = None,
     ) -> Testbed:
         """A testbed for a scenario file, with command-line overrides."""
         scenario = load_scenario(scenario_path)
+        if partition is not None:
+            emulation = from_dict(
+                type(scenario.emulation),
+                {
+                    **dataclasses.asdict(scenario.emulation),
+                    "partition_index": partition,
+                },
+                "emulation",
+            )
+            scenario = dataclasses.replace(scenario, emulation=emulation)
         changes: dict[str, Any] = {}
         if duration_s is not None:
             changes["duration_s"] = duration_s
@@ -147,7 +165,9 @@ class Testbed:
                 "time",
             )
             scenario = dataclasses.replace(scenario, time=time_config)
-        return cls(scenario, moe=moe, monitoring=monitoring)
+        return cls(
+            scenario, moe=moe, monitoring=monitoring, start_at_unix_s=start_at_unix_s
+        )
 
     # -- bring-up --------------------------------------------------------
 
@@ -196,8 +216,13 @@ class Testbed:
         names = self.emulator.names
         registry = CollectorRegistry()
         self._registry = registry
+        # Each host exports its own nodes; its Prometheus scrapes only them.
+        local = self.emulator.local
         self.metrics = EmulatorMetrics(
-            registry, power_satellites=names[: self.emulator.n_sats]
+            registry,
+            power_satellites=[
+                name for i, name in enumerate(names[: self.emulator.n_sats]) if local[i]
+            ],
         )
         # `spacemoe infer` runs are short-lived processes; their reports are
         # fed to these long-lived series (see _ingest_reports). Reports of
@@ -267,7 +292,13 @@ class Testbed:
             power_share=self.share.path,
             power_rows={name: i for i, name in enumerate(names)},
         )
-        self.deployment.start(placement)
+        # Partitioned, each host starts the brokers and agents of its own
+        # placed nodes; the other hosts start theirs (same placement).
+        placed_here = sorted(
+            {n for holders in placement.values() for n in holders}
+            & {n for i, n in enumerate(names) if emulator.local[i]}
+        )
+        self.deployment.start(placement, nodes=placed_here)
         if self.prometheus is not None:
             used = sorted({n for holders in placement.values() for n in holders})
             self._agent_targets = [
@@ -363,27 +394,41 @@ class Testbed:
         self._ingest_reports()
         names = emulator.names
         kinds = ["satellite"] * n_sats + ["ground"] * (len(names) - n_sats)
+        # Partitioned, each host publishes only its own nodes (the power
+        # model of the others lacks their compute and radio load).
+        mine = np.flatnonzero(emulator.local)
         self.metrics.nodes.update(
-            names, kinds, lat_deg=lat, lon_deg=lon, alt_m=np.asarray(alt_km) * 1e3
+            [names[i] for i in mine],
+            [kinds[i] for i in mine],
+            lat_deg=np.asarray(lat)[mine],
+            lon_deg=np.asarray(lon)[mine],
+            alt_m=np.asarray(alt_km)[mine] * 1e3,
         )
         self._link_metrics()
         if step is not None:
             counters = self.power.counters
             wh_to_j = 3600.0
+            sats = mine[mine < n_sats]
+
+            def here(values: Any) -> np.ndarray:
+                return np.broadcast_to(np.asarray(values), (n_sats,))[sats]
+
             self.metrics.power.update(
-                solar_w=step.solar_w,
-                load_bus_w=step.bus_w,
-                load_compute_w=step.compute_w,
-                load_radio_w=step.radio_w,
-                battery_w=step.battery_w,
-                soc_fraction=step.soc_fraction,
-                battery_energy_j=step.energy_wh * wh_to_j,
-                capacity_fade_fraction=self.power.capacity_fade_fraction,
-                temperature_c=step.temperature_c,
-                throttle_factor=step.throttle_factor,
-                sunlit=sunlit.astype(float),
-                energy_consumed_j=self._monotonic("consumed", counters["load_wh"]),
-                energy_harvested_j=self._monotonic("solar", counters["solar_wh"]),
+                solar_w=here(step.solar_w),
+                load_bus_w=here(step.bus_w),
+                load_compute_w=here(step.compute_w),
+                load_radio_w=here(step.radio_w),
+                battery_w=here(step.battery_w),
+                soc_fraction=here(step.soc_fraction),
+                battery_energy_j=here(step.energy_wh) * wh_to_j,
+                capacity_fade_fraction=here(self.power.capacity_fade_fraction),
+                temperature_c=here(step.temperature_c),
+                throttle_factor=here(step.throttle_factor),
+                sunlit=here(sunlit.astype(float)),
+                energy_consumed_j=here(
+                    self._monotonic("consumed", counters["load_wh"])
+                ),
+                energy_harvested_j=here(self._monotonic("solar", counters["solar_wh"])),
             )
         if report is not None:
             self.metrics.step_done(
@@ -466,6 +511,7 @@ class Testbed:
     def _link_metrics(self) -> None:
         e = self.emulator
         ids = np.flatnonzero(e.link_active)
+        ids = ids[e.local[e.link_a[ids]] | e.local[e.link_b[ids]]]
         names = e.names
         a = [names[i] for i in e.link_a[ids]]
         b = [names[i] for i in e.link_b[ids]]
@@ -496,7 +542,11 @@ class Testbed:
 
     def run(self) -> None:
         """Advance the scenario until stopped or its duration ends."""
-        self.emulator.run(self._stop, on_step=self._safe_on_step)
+        self.emulator.run(
+            self._stop,
+            on_step=self._safe_on_step,
+            start_at_unix_s=self.start_at_unix_s,
+        )
 
     def _safe_on_step(self, report: Any) -> None:
         try:
@@ -673,6 +723,16 @@ def format_status(state: dict[str, Any]) -> str:
     ]
     if gsl:
         lines.append("ground     " + ", ".join(gsl))
+    partition = state.get("partition") or {}
+    hosts = partition.get("hosts") or []
+    if len(hosts) > 1:
+        index = partition.get("index", 0)
+        here = sum(1 for n in state.get("nodes", []) if n.get("netns"))
+        others = ", ".join(h for i, h in enumerate(hosts) if i != index)
+        lines.append(
+            f"partition  {index} of {len(hosts)} (underlay {hosts[index]}): "
+            f"{here} nodes here, the rest on {others}"
+        )
     nodes = counts.get("nodes") or 0
     lines.append(f"routes     {max(nodes - 1, 0)} per node, to every other node's /32")
     paths = state.get("paths", {})
@@ -721,6 +781,18 @@ def infer_on_running(
         )
     doc = json.loads(moe_path.read_text())
     config = MoeConfig(**doc["config"])
+    paths = StatePaths.from_file(run_dir() / "state.json")
+    home_node = next(
+        (n for n in paths.state.get("nodes", []) if n["name"] == doc["home"]), None
+    )
+    if home_node is not None and home_node.get("netns") is None:
+        hosts = paths.state.get("partition", {}).get("hosts", [])
+        owner = home_node.get("partition", 0)
+        where = hosts[owner] if owner < len(hosts) else f"partition {owner}"
+        raise ConfigError(
+            f"home {doc['home']!r} runs on partition {owner} ({where}), not on "
+            "this host; run `spacemoe infer` there"
+        )
     if home is not None and home != doc["home"]:
         raise ConfigError(
             f"--home {home!r}: the running deployment serves home {doc['home']!r}; "
@@ -737,7 +809,6 @@ def infer_on_running(
     model, reference, tokenizer = load_serving_models(
         config.checkpoint, Path(doc["shard_dir"]), compare
     )
-    paths = StatePaths.from_file(run_dir() / "state.json")
     executor = MqttExecutor(
         endpoints,
         placed,

@@ -28,6 +28,14 @@ renamed) for ``spacemoe status``; ``emulator.pid`` and
 
 Link identity is the node pair. ISLs keep their link id for the whole run;
 a ground link gets an id when it appears and gives it back when it ends.
+
+Spread over several hosts (``emulation.partitions``, see
+:mod:`topology.partitions`), each host's emulator keeps the whole geometry,
+link table and router, but builds only its own nodes, the links that touch
+them (a VXLAN device where the other end is on another host) and their
+routes. Link ids then come from the link's identity, so that hosts agree on
+them without talking; ``run(start_at_unix_s=...)`` puts every host's step k
+at the same wall-clock moment.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ import numpy as np
 from topology.addressing import AddressPlan, data_ifname
 from topology.errors import EmulationError, NodeNotFound
 from topology.links import GSL, Geometry, GeometryState, LinkState
+from topology.partitions import Partitioning, fixed_link_ids, max_fixed_link_id
 from topology.routing import RouteChanges, Router
 from topology.rundir import namespace_name, run_dir
 from topology.scenario import Scenario
@@ -115,9 +124,19 @@ class RunCounters:
 
 
 class Emulator:
-    """One scenario's emulated network (see the module docstring)."""
+    """One scenario's emulated network (see the module docstring).
 
-    def __init__(self, scenario: Scenario, substrate: Substrate | None = None) -> None:
+    `partition` is this host's index into ``emulation.partitions``
+    (default: ``emulation.partition_index``); it only matters when the
+    scenario lists more than one host.
+    """
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        substrate: Substrate | None = None,
+        partition: int | None = None,
+    ) -> None:
         if os.geteuid() != 0:
             raise EmulationError(
                 "the emulator needs root to create network namespaces and links; "
@@ -130,6 +149,16 @@ class Emulator:
         self.n_sats = constellation.n_sats
         n = len(self.names)
         self.plan = AddressPlan.from_config(scenario.emulation, n)
+        self.partitioning = Partitioning(scenario, constellation, partition)
+        # Which nodes this host builds; all of them on one machine.
+        self.local: np.ndarray = self.partitioning.local
+        self._fixed_ids = self.partitioning.enabled
+        if self._fixed_ids:
+            needed = max_fixed_link_id(
+                len(self.geometry.candidates), self.n_sats, n - self.n_sats
+            )
+            if needed > self.plan.max_links:
+                self.plan.link_subnet(needed - 1)  # raises, naming the fix
         self.router = Router(
             n,
             scenario.emulation.route_hysteresis_fraction,
@@ -232,18 +261,26 @@ class Emulator:
             )
             for i, name in enumerate(self.names)
         ]
+        mine = [spec for i, spec in enumerate(nodes) if self.local[i]]
         chunk = 64
-        for start in range(0, n, chunk):
-            self.substrate.add_nodes(nodes[start : start + chunk])
-            report("nodes", min(start + chunk, n), n)
+        for start in range(0, len(mine), chunk):
+            self.substrate.add_nodes(mine[start : start + chunk])
+            report("nodes", min(start + chunk, len(mine)), len(mine))
+        # Every node is listed (addresses are global); management network
+        # and namespace only for this host's own.
         self._nodes_json = [
             {
                 "name": spec.name,
                 "index": i,
                 "kind": "satellite" if i < self.n_sats else "ground",
                 "address": str(spec.address),
-                "management": str(spec.management.ip) if spec.management else None,
-                "netns": namespace_name(spec.name),
+                "management": (
+                    str(spec.management.ip)
+                    if spec.management and self.local[i]
+                    else None
+                ),
+                "netns": namespace_name(spec.name) if self.local[i] else None,
+                "partition": int(self.partitioning.owner[i]),
             }
             for i, spec in enumerate(nodes)
         ]
@@ -253,6 +290,7 @@ class Emulator:
         specs = [
             self._link_spec(links, int(i), int(k))
             for i, k in zip(order, ids, strict=True)
+            if self._touches_here(links, int(i))
         ]
         chunk = 512
         for start in range(0, len(specs), chunk):
@@ -260,7 +298,7 @@ class Emulator:
             report("links", min(start + chunk, len(specs)), len(specs))
 
         self.router.update(links)
-        for node in range(n):
+        for node in np.flatnonzero(self.local).tolist():
             dests = np.flatnonzero(self.router.next_hop[node] >= 0)
             dests = dests[dests != node]
             self._apply_routes(node, dests, self.router.next_hop[node, dests])
@@ -268,6 +306,14 @@ class Emulator:
                 report("routes", node + 1, n)
         self.t_s = 0.0
         self._write_state(StepReport(0.0))
+
+    def _touches_here(self, links: LinkState, i: int) -> bool:
+        return bool(self.local[links.a[i]] or self.local[links.b[i]])
+
+    def _here(self, ids: np.ndarray) -> np.ndarray:
+        """Those link ids with at least one end on this host."""
+        ids = np.asarray(ids)
+        return ids[self.local[self.link_a[ids]] | self.local[self.link_b[ids]]]
 
     def _link_spec(self, links: LinkState, i: int, link_id: int) -> LinkSpec:
         a, b = int(links.a[i]), int(links.b[i])
@@ -282,10 +328,23 @@ class Emulator:
                 float(links.loss_fraction[i]),
             ),
             up=bool(links.up[i]),
+            tunnel=self.partitioning.tunnel(link_id, a, b),
         )
 
     def _allocate(self, links: LinkState, rows: np.ndarray) -> np.ndarray:
         """Give link ids to links[rows] and record them as applied."""
+        if self._fixed_ids:
+            ids = fixed_link_ids(
+                links.a,
+                links.b,
+                links.kind,
+                rows,
+                len(self.geometry.candidates),
+                self.n_sats,
+            )
+            self._next_id = max(self._next_id, int(ids.max(initial=-1)) + 1)
+            self._record(links, rows, ids)
+            return ids
         ids = np.empty(len(rows), np.int32)
         for j in range(len(rows)):
             if self._free_ids:
@@ -296,6 +355,10 @@ class Emulator:
             if link_id >= self.plan.max_links:
                 self.plan.link_subnet(link_id)  # raises, naming the fix
             ids[j] = link_id
+        self._record(links, rows, ids)
+        return ids
+
+    def _record(self, links: LinkState, rows: np.ndarray, ids: np.ndarray) -> None:
         self._grow(self._next_id)
         a, b = links.a[rows], links.b[rows]
         self.link_of[a, b] = ids
@@ -308,7 +371,6 @@ class Emulator:
         self.link_rate_bps[ids] = links.rate_bps[rows]
         self.link_loss[ids] = links.loss_fraction[rows]
         self.link_active[ids] = True
-        return ids
 
     def _grow(self, size: int) -> None:
         capacity = len(self.link_a)
@@ -356,20 +418,21 @@ class Emulator:
         # Creations and raises first, then reshaping.
         if len(new_rows):
             created = self._allocate(links, new_rows)
-            self.substrate.add_links(
-                [
-                    self._link_spec(links, int(r), int(k))
-                    for r, k in zip(new_rows, created, strict=True)
-                ]
-            )
+            specs = [
+                self._link_spec(links, int(r), int(k))
+                for r, k in zip(new_rows, created, strict=True)
+                if self._touches_here(links, int(r))
+            ]
+            if specs:
+                self.substrate.add_links(specs)
             report.links_created = len(new_rows)
 
         up_now = links.up[old_rows]
         was_up = self.link_up[old_ids]
         raise_ids = old_ids[up_now & ~was_up]
         lower_ids = old_ids[~up_now & was_up]
-        if len(raise_ids):
-            self.substrate.set_links_up([int(k) for k in raise_ids], True)
+        if len(self._here(raise_ids)):
+            self.substrate.set_links_up([int(k) for k in self._here(raise_ids)], True)
             report.links_up = len(raise_ids)
         self.link_up[old_ids] = up_now
 
@@ -388,12 +451,13 @@ class Emulator:
         rows = np.flatnonzero(reshape)
         if len(rows):
             changes = []
-            for j in rows:
+            for j in rows[np.isin(old_ids[rows], self._here(old_ids[rows]))]:
                 k = int(old_ids[j])
                 shape = Shape(float(delay[j]), float(rate[j]), float(loss[j]))
                 changes.append(ShapingChange(k, "ab", shape))
                 changes.append(ShapingChange(k, "ba", shape))
-            self.substrate.set_shaping(changes)
+            if changes:
+                self.substrate.set_shaping(changes)
             reshaped = old_ids[rows]
             self.link_delay_s[reshaped] = delay[rows]
             self.link_rate_bps[reshaped] = rate[rows]
@@ -413,10 +477,14 @@ class Emulator:
 
         # Routes have left these links; now they may go.
         if len(lower_ids):
-            self.substrate.set_links_up([int(k) for k in lower_ids], False)
+            here = self._here(lower_ids)
+            if len(here):
+                self.substrate.set_links_up([int(k) for k in here], False)
             report.links_down = len(lower_ids)
         if len(ended):
-            self.substrate.remove_links([int(k) for k in ended])
+            here = self._here(ended)
+            if len(here):
+                self.substrate.remove_links([int(k) for k in here])
             self._release(ended)
             report.links_removed = len(ended)
         now = time.perf_counter()
@@ -457,13 +525,19 @@ class Emulator:
         self.link_of[b, a] = -1
         self.link_active[ids] = False
         self.link_up[ids] = False
+        if self._fixed_ids:
+            return
         for k in ids:
             heapq.heappush(self._free_ids, int(k))
 
     def _apply_route_changes(self, changes: RouteChanges) -> None:
         if not len(changes):
             return
-        order = np.argsort(changes.node, kind="stable")
+        # Other hosts route their own nodes.
+        mine = np.flatnonzero(self.local[changes.node])
+        if not len(mine):
+            return
+        order = mine[np.argsort(changes.node[mine], kind="stable")]
         node = changes.node[order]
         dest = changes.dest[order]
         hop = changes.next_hop[order]
@@ -500,17 +574,34 @@ class Emulator:
         self,
         stop: threading.Event | None = None,
         on_step: Callable[[StepReport], None] | None = None,
+        start_at_unix_s: float | None = None,
     ) -> RunCounters:
         """Step on the scenario clock until `stop` is set or the duration ends.
 
         Scenario time advances `time.speed` seconds per wall second; steps
         are `time.step_s` of scenario time apart. Late steps are logged and
-        counted (see the module docstring).
+        counted (see the module docstring). `start_at_unix_s` anchors
+        scenario time 0 to that wall-clock time (hosts of one partitioned
+        scenario share it, so step k happens at the same moment on each,
+        as far as their clocks agree: keep them NTP-synchronised); a run
+        that starts after the anchor joins at the current step.
         """
         stop = stop or self._stop
         config = self.scenario.time
         step_s, speed = config.step_s, config.speed
-        wall_start = time.time() - self.t_s / speed
+        if start_at_unix_s is None:
+            wall_start = time.time() - self.t_s / speed
+        else:
+            wall_start = start_at_unix_s
+            behind_steps = int((time.time() - wall_start) * speed // step_s)
+            joined_s = (behind_steps - 1) * step_s
+            if joined_s > self.t_s:
+                log.info(
+                    "joining the shared clock at t=%.1f s (%d steps after its start)",
+                    joined_s + step_s,
+                    behind_steps,
+                )
+                self.t_s = joined_s
         _write_atomic(
             run_dir() / "clock.json",
             json.dumps(
@@ -597,6 +688,8 @@ class Emulator:
         sent = np.zeros((capacity, 2))
         dropped = np.zeros((capacity, 2))
         for i, name in enumerate(self.names):
+            if not self.local[i]:
+                continue
             for k, (_rx, tx, _rxd, _txd) in self.substrate.link_bytes(name).items():
                 if k < capacity and self.link_active[k]:
                     sent[k, 0 if self.link_a[k] == i else 1] = tx
@@ -693,6 +786,10 @@ class Emulator:
             "speed": self.scenario.time.speed,
             "step_s": self.scenario.time.step_s,
             "management_bridge": str(self.plan.management_bridge_address()),
+            "partition": {
+                "index": self.partitioning.index,
+                "hosts": [str(h) for h in self.partitioning.hosts],
+            },
             "counts": {
                 "nodes": len(names),
                 "satellites": self.n_sats,

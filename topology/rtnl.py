@@ -72,6 +72,13 @@ IFLA_NET_NS_FD = 28
 IFLA_INFO_KIND = 1
 IFLA_INFO_DATA = 2
 VETH_INFO_PEER = 1
+IFLA_MTU = 4
+IFLA_VXLAN_ID = 1
+IFLA_VXLAN_GROUP = 2
+IFLA_VXLAN_LOCAL = 4
+IFLA_VXLAN_TTL = 5
+IFLA_VXLAN_LEARNING = 7
+IFLA_VXLAN_PORT = 15
 IFF_UP = 0x1
 IFA_ADDRESS = 1
 IFA_LOCAL = 2
@@ -204,6 +211,40 @@ def veth_add(
     )
     body = _IFINFO.pack(socket.AF_UNSPEC, 0, index, 0, 0)
     body += _ifname(IFLA_IFNAME, name)
+    if netns_fd is not None:
+        body += _u32(IFLA_NET_NS_FD, netns_fd)
+    body += _attr(IFLA_LINKINFO, info)
+    return _message(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body)
+
+
+def vxlan_add(
+    name: str,
+    index: int,
+    netns_fd: int | None,
+    vni: int,
+    local: int,
+    remote: int,
+    port: int,
+    mtu: int,
+) -> bytes:
+    """Create a point-to-point VXLAN device, straight into a namespace (by fd).
+
+    The UDP socket stays in the namespace of the netlink socket that sends
+    this (the host's underlay), while the device lives in `netns_fd`: the
+    way ``ip link add NAME netns NS type vxlan id VNI local L remote R
+    dstport P nolearning`` makes it. `local`/`remote` are IPv4 addresses as
+    integers; with a unicast remote every frame goes to that one host.
+    """
+    data = _u32(IFLA_VXLAN_ID, vni)
+    data += _attr(IFLA_VXLAN_GROUP, struct.pack("!I", remote))
+    data += _attr(IFLA_VXLAN_LOCAL, struct.pack("!I", local))
+    data += _attr(IFLA_VXLAN_TTL, struct.pack("=B", 64))
+    data += _attr(IFLA_VXLAN_LEARNING, struct.pack("=B", 0))
+    data += _attr(IFLA_VXLAN_PORT, struct.pack("!H", port))
+    info = _attr(IFLA_INFO_KIND, b"vxlan") + _attr(IFLA_INFO_DATA, data)
+    body = _IFINFO.pack(socket.AF_UNSPEC, 0, index, 0, 0)
+    body += _ifname(IFLA_IFNAME, name)
+    body += _u32(IFLA_MTU, mtu)
     if netns_fd is not None:
         body += _u32(IFLA_NET_NS_FD, netns_fd)
     body += _attr(IFLA_LINKINFO, info)

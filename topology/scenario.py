@@ -13,6 +13,7 @@ seconds, angles degrees, as the field names say.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -105,6 +106,14 @@ class GroundStationConfig:
     lat_deg: float = field(default=0.0, metadata=spec(min=-90, max=90))
     lon_deg: float = field(default=0.0, metadata=spec(min=-180, max=180))
     alt_m: float = field(default=0.0, metadata=spec(min=-500, max=9000))
+    partition: int | None = field(
+        default=None,
+        metadata=spec(
+            min=0,
+            help="host (index into emulation.partitions) that runs this station; "
+            "null: station i goes to host i mod hosts",
+        ),
+    )
 
     def validate(self, where: str) -> None:
         if not NODE_NAME.match(self.name) or self.name.startswith("s"):
@@ -158,8 +167,7 @@ class EmulationConfig:
     shaping: Literal["auto", "netem", "delayline"] = field(
         default="auto",
         metadata=spec(
-            help="auto: netem where the kernel has it, else tbf + user-space "
-            "delay line"
+            help="auto: netem where the kernel has it, else tbf + user-space delay line"
         ),
     )
     delay_threshold_s: float = field(
@@ -195,6 +203,52 @@ class EmulationConfig:
     link_prefix: str = field(
         default="198.19.0.0/16", metadata=spec(help="one /31 per link")
     )
+    partitions: list[str] = field(
+        default_factory=list,
+        metadata=spec(
+            help="underlay IPv4 address of each host that runs a share of the "
+            "nodes; empty: one machine runs everything"
+        ),
+    )
+    partition_index: int = field(
+        default=0,
+        metadata=spec(
+            min=0, help="which of `partitions` this host is (`up --partition`)"
+        ),
+    )
+    vxlan_port: int = field(
+        default=4789,
+        metadata=spec(min=1, max=65535, help="UDP port of cross-host VXLAN links"),
+    )
+
+    def validate(self, where: str) -> None:
+        seen: set[ipaddress.IPv4Address] = set()
+        for i, text in enumerate(self.partitions):
+            try:
+                address = ipaddress.IPv4Address(text)
+            except ValueError:
+                raise ConfigError(
+                    f"{where}.partitions[{i}]: {text!r} is not an IPv4 address; "
+                    "give each host's underlay address, like '10.0.0.11'"
+                ) from None
+            if address.is_unspecified or address.is_multicast:
+                raise ConfigError(
+                    f"{where}.partitions[{i}]: {text} cannot be a host's unicast "
+                    "underlay address; give the address the host's VXLAN traffic "
+                    "leaves from"
+                )
+            if address in seen:
+                raise ConfigError(
+                    f"{where}.partitions: {text} appears twice; each host needs "
+                    "its own address"
+                )
+            seen.add(address)
+        hosts = max(len(self.partitions), 1)
+        if self.partition_index >= hosts:
+            raise ConfigError(
+                f"{where}.partition_index: {self.partition_index} is out of range "
+                f"for {len(self.partitions)} partitions; use 0 to {hosts - 1}"
+            )
 
 
 @dataclass(frozen=True)
@@ -220,6 +274,14 @@ class Scenario:
                 f"ground_stations: duplicate names {dupes}; give each station "
                 "its own name"
             )
+        hosts = max(len(self.emulation.partitions), 1)
+        for i, station in enumerate(self.ground_stations):
+            if station.partition is not None and station.partition >= hosts:
+                raise ConfigError(
+                    f"ground_stations[{i}].partition: {station.partition} is out "
+                    f"of range for {len(self.emulation.partitions)} partitions; "
+                    f"use 0 to {hosts - 1} or null"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, as written next to each run's results."""

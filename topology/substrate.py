@@ -24,7 +24,10 @@ Kernel objects of a running emulation, all named so that
   (management); ``d<k>`` for each data-plane link k (a veth whose other end,
   also ``d<k>``, is in the neighbour's namespace); a root qdisc on every
   ``d<k>`` (tbf or netem, see :mod:`topology.shaping`); host routes to the
-  other nodes' /32s; ip_forward on, rp_filter off, IPv6 off.
+  other nodes' /32s; ip_forward on, rp_filter off, IPv6 off. A link whose
+  other end runs on another host (:mod:`topology.partitions`) is a VXLAN
+  device ``d<k>`` instead of a veth end, its UDP socket in the root
+  namespace.
 - in the root namespace: the bridge ``smoe-mgmt`` and the root ends
   ``smoe-m<i>`` of the management veths; the delay-line process (tbf mode).
 
@@ -102,11 +105,28 @@ class NodeSpec:
 
 
 @dataclass(frozen=True)
+class Tunnel:
+    """A cross-host link's VXLAN parameters, seen from the local host.
+
+    `local` and `remote` are the two hosts' underlay addresses; `mtu` is
+    the device's (the data plane's), not the underlay's.
+    """
+
+    vni: int
+    local: ipaddress.IPv4Address
+    remote: ipaddress.IPv4Address
+    port: int
+    mtu: int = 1500
+
+
+@dataclass(frozen=True)
 class LinkSpec:
     """A point-to-point link between nodes `a` and `b` (a /31 `subnet`).
 
     The lower address of `subnet` goes on a's end. `shape` applies to both
-    directions until :meth:`Substrate.set_shaping` says otherwise.
+    directions until :meth:`Substrate.set_shaping` says otherwise. With a
+    `tunnel`, only one end is a node of this substrate: that end is a VXLAN
+    device and the other end is built by another host.
     """
 
     link_id: int
@@ -115,6 +135,7 @@ class LinkSpec:
     subnet: ipaddress.IPv4Network
     shape: Shape
     up: bool = True
+    tunnel: Tunnel | None = None
 
 
 @dataclass(frozen=True)
@@ -431,6 +452,9 @@ class KernelSubstrate(Substrate):
             check_rate(link.shape.rate_bps, f"link {link.a}-{link.b}")
             index = data_ifindex(link.link_id)
             name = data_ifname(link.link_id)
+            if link.tunnel is not None:
+                creates.append(self._vxlan_message(link, name, index))
+                continue
             creates.append(
                 rtnl.veth_add(
                     name,
@@ -443,7 +467,11 @@ class KernelSubstrate(Substrate):
             )
         self.root.send(
             creates,
-            [f"create veth {s.a}<->{s.b} ({data_ifname(s.link_id)})" for s in links],
+            [
+                f"create {'vxlan' if s.tunnel else 'veth'} {s.a}<->{s.b} "
+                f"({data_ifname(s.link_id)})"
+                for s in links
+            ],
         )
         for link in links:
             self.links[link.link_id] = _Link(
@@ -456,7 +484,7 @@ class KernelSubstrate(Substrate):
             for link in links:
                 name = data_ifname(link.link_id)
                 shape = link.shape
-                for receiver in (link.b, link.a):
+                for receiver in self._local_ends(link, (link.b, link.a)):
                     entries.append(
                         (
                             self.nodes[receiver].label,
@@ -475,6 +503,8 @@ class KernelSubstrate(Substrate):
             if len(hosts) != 2:
                 raise EmulationError(f"link {link.link_id}: {link.subnet} is not a /31")
             for node, address in ((link.a, hosts[0]), (link.b, hosts[1])):
+                if node not in self.nodes:
+                    continue
                 messages[node] += [
                     rtnl.addr_add(index, int(address), 31),
                     egress_message(self.shaping_mode, index, link.shape, create=True),
@@ -495,7 +525,7 @@ class KernelSubstrate(Substrate):
         for link_id in link_ids:
             link = self._link(link_id)
             link.up = up
-            for node in (link.spec.a, link.spec.b):
+            for node in self._local_ends(link.spec, (link.spec.a, link.spec.b)):
                 messages[node].append(rtnl.link_set(data_ifindex(link_id), up=up))
                 labels[node].append(
                     f"set {data_ifname(link_id)} {'up' if up else 'down'}"
@@ -520,13 +550,19 @@ class KernelSubstrate(Substrate):
                 else (link.spec.b, link.spec.a)
             )
             index = data_ifindex(change.link_id)
-            if egress_needs_change(self.shaping_mode, old, new):
+            if sender in self.nodes and egress_needs_change(
+                self.shaping_mode, old, new
+            ):
                 messages[sender].append(
                     egress_message(self.shaping_mode, index, new, create=False)
                 )
                 labels[sender].append(f"change qdisc on {data_ifname(change.link_id)}")
-            if self.delayline is not None and (
-                old.delay_s != new.delay_s or old.loss_fraction != new.loss_fraction
+            if (
+                self.delayline is not None
+                and receiver in self.nodes
+                and (
+                    old.delay_s != new.delay_s or old.loss_fraction != new.loss_fraction
+                )
             ):
                 delays.append(
                     (
@@ -547,18 +583,48 @@ class KernelSubstrate(Substrate):
         labels: dict[str, list[str]] = defaultdict(list)
         for link_id in link_ids:
             link = self._link(link_id)
-            # Deleting one end of a veth deletes its peer too.
-            messages[link.spec.a].append(rtnl.link_del(data_ifindex(link_id)))
-            labels[link.spec.a].append(f"delete {data_ifname(link_id)}")
+            # Deleting one end of a veth deletes its peer too; a tunnel has
+            # only the one end here.
+            spec = link.spec
+            ends = (spec.a,) if spec.tunnel is None else (spec.a, spec.b)
+            (end,) = self._local_ends(spec, ends)
+            messages[end].append(rtnl.link_del(data_ifindex(link_id)))
+            labels[end].append(f"delete {data_ifname(link_id)}")
         for node, batch in messages.items():
             self.nodes[node].send(batch, labels[node])
         forgotten = []
         for link_id in link_ids:
             link = self.links.pop(link_id)
-            for node in (link.spec.a, link.spec.b):
+            for node in self._local_ends(link.spec, (link.spec.a, link.spec.b)):
                 forgotten.append((self.nodes[node].label, data_ifname(link_id)))
         if self.delayline is not None:
             self.delayline.forget_links(forgotten)
+
+    def _local_ends(self, link: LinkSpec, ends: Sequence[str]) -> list[str]:
+        """Those of `ends` that are nodes here (both, unless `link` tunnels)."""
+        if link.tunnel is None:
+            return list(ends)
+        return [node for node in ends if node in self.nodes]
+
+    def _vxlan_message(self, link: LinkSpec, name: str, index: int) -> bytes:
+        tunnel = link.tunnel
+        assert tunnel is not None
+        ends = [node for node in (link.a, link.b) if node in self.nodes]
+        if len(ends) != 1:
+            raise EmulationError(
+                f"link {link.a}-{link.b} is a cross-host tunnel but {len(ends)} of "
+                "its ends are nodes of this host; exactly one must be"
+            )
+        return rtnl.vxlan_add(
+            name,
+            index,
+            self.nodes[ends[0]].fd,
+            tunnel.vni,
+            int(tunnel.local),
+            int(tunnel.remote),
+            tunnel.port,
+            tunnel.mtu,
+        )
 
     def _link(self, link_id: int) -> _Link:
         try:
@@ -619,6 +685,19 @@ class KernelSubstrate(Substrate):
             except OSError:
                 pass
         _kill_processes_in(inodes)
+
+        # Tunnel ends hold a UDP socket in the root namespace until the
+        # kernel frees their node's namespace; delete them now, so none
+        # outlives down().
+        tunnels: dict[str, list[bytes]] = defaultdict(list)
+        for link_id, link in self.links.items():
+            if link.spec.tunnel is not None:
+                for node in self._local_ends(link.spec, (link.spec.a, link.spec.b)):
+                    tunnels[node].append(rtnl.link_del(data_ifindex(link_id)))
+        for node, batch in tunnels.items():
+            for failure in self.nodes[node].channel.transact(batch):
+                if failure.errno not in (errno.ENODEV, errno.ENOENT):
+                    errors.append(EmulationError(f"{node}: {failure.describe()}"))
 
         for name, namespace in list(self.nodes.items()):
             try:

@@ -70,6 +70,17 @@ def test_malformed_tle_names_file_line_and_checksum(tmp_path: Path) -> None:
     assert "bad.tle" in line and ":3" in line and "checksum" in line
 
 
+def test_partition_out_of_range_names_the_range(tmp_path: Path) -> None:
+    scenario = write(
+        tmp_path / "s.yaml", "emulation:\n  partitions: [10.0.0.1, 10.0.0.2]\n"
+    )
+    line = one_line_error(
+        spacemoe("up", str(scenario), "--partition", "2", run_dir=tmp_path)
+    )
+    assert "partition_index" in line and "2" in line and "0 to 1" in line
+    assert not (tmp_path / "emulator.pid").exists()
+
+
 def test_missing_scenario_file(tmp_path: Path) -> None:
     line = one_line_error(spacemoe("snapshot", "nope.yaml", run_dir=tmp_path))
     assert "nope.yaml" in line and "cannot read" in line
@@ -96,6 +107,42 @@ def test_bad_scenario_leaves_nothing_running(net_sandbox: None, tmp_path: Path) 
     assert "moe.placement" in line and "'random'" in line
     assert not list(Path("/run/netns").glob("smoe-*"))
     assert not (tmp_path / "emulator.pid").exists()
+
+
+@pytest.mark.root
+def test_up_of_one_partition_builds_its_share_only(
+    net_sandbox: None, tmp_path: Path
+) -> None:
+    # The other host (10.0.0.1) does not exist: its links are VXLAN devices
+    # that carry nothing, which is all this test needs.
+    scenario = write(
+        tmp_path / "s.yaml",
+        "name: part\nemulation:\n  partitions: [10.0.0.1, 10.0.0.2]\n",
+    )
+    run_dir = tmp_path / "run"
+    start = f"{time.time():.0f}"
+    argv = ["up", str(scenario), "--partition", "1", "--start-at", start]
+    up = spacemoe(*argv, "--no-moe", "--no-monitoring", "--detach", run_dir=run_dir)
+    try:
+        assert up.returncode == 0, up.stderr
+        status = spacemoe("status", run_dir=run_dir)
+        assert "partition  1 of 2 (underlay 10.0.0.2): 33 nodes here" in (
+            status.stdout
+        ), status.stdout
+        # Planes 3-5 of the 6x11 default are this host's.
+        names = {p.name for p in Path("/run/netns").glob("smoe-*")}
+        assert len(names) == 33 and "smoe-s0-3-0" in names, names
+        links = subprocess.run(
+            ["ip", "netns", "exec", "smoe-s0-3-0", "ip", "-d", "-o", "link"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "vxlan id" in links and "remote 10.0.0.1" in links, links
+    finally:
+        down = spacemoe("down", run_dir=run_dir)
+    assert down.returncode == 0, down.stderr
+    assert not list(Path("/run/netns").glob("smoe-*"))
 
 
 @pytest.mark.root

@@ -115,9 +115,9 @@ def test_playbook_syntax(name: str) -> None:
 
 def test_inventories_put_hosts_in_the_spacemoe_group() -> None:
     _require_ansible()
-    for inventory, hosts in (
-        ("localhost.yml", ["localhost"]),
-        ("two-hosts.example.yml", ["sat-host-a", "sat-host-b"]),
+    for inventory, hosts, partitions in (
+        ("localhost.yml", ["localhost"], 1),
+        ("two-hosts.example.yml", ["sat-host-a", "sat-host-b"], 2),
     ):
         argv = [
             str(BIN / "ansible-inventory"),
@@ -129,8 +129,10 @@ def test_inventories_put_hosts_in_the_spacemoe_group() -> None:
         assert result.returncode == 0, _explain(result)
         listing = json.loads(result.stdout)
         assert listing["spacemoe_hosts"]["hosts"] == hosts
-        for host in hosts:
-            assert listing["_meta"]["hostvars"][host]["spacemoe_partitions"] == 1
+        for index, host in enumerate(hosts):
+            variables = listing["_meta"]["hostvars"][host]
+            assert variables["spacemoe_partitions"] == partitions
+            assert variables["spacemoe_partition_index"] == index
 
 
 def test_deps_role_installs_the_packages_the_run_script_installs() -> None:
@@ -143,12 +145,97 @@ def test_deps_role_installs_the_packages_the_run_script_installs() -> None:
     assert in_role == in_script
 
 
-def test_a_multi_machine_split_is_refused_with_the_reason() -> None:
+def test_a_partition_index_out_of_range_is_refused_with_the_fix() -> None:
     _require_ansible()
-    result, counts = _playbook("check.yml", _env(), "-e", "spacemoe_partitions=2")
+    result, counts = _playbook(
+        "check.yml",
+        _env(),
+        "-e",
+        "spacemoe_partitions=2",
+        "-e",
+        "spacemoe_partition_index=2",
+    )
     assert result.returncode != 0
     assert counts.get("failed") == 1
-    assert "no node partitioning, no VXLAN links between hosts" in result.stdout
+    assert "spacemoe_partition_index=2 does not fit" in result.stdout
+
+
+def test_a_partitioned_up_passes_partition_and_one_start_time(
+    tmp_path: Path,
+) -> None:
+    """The role's `up` command line, as Ansible renders it for two hosts."""
+    _require_ansible()
+    role = PLAYBOOKS / "roles/spacemoe_constellation"
+    playbook = tmp_path / "argv.yml"
+    playbook.write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "name": "Render the up command",
+                    "hosts": "all",
+                    "gather_facts": False,
+                    "vars_files": [
+                        str(role / "defaults/main.yml"),
+                        str(role / "vars/main.yml"),
+                    ],
+                    "tasks": [
+                        {
+                            "name": "Pick the start",
+                            "ansible.builtin.set_fact": {
+                                "spacemoe_constellation_start_at_unix_s": (
+                                    "{{ 1700000000 + 5 }}"
+                                )
+                            },
+                            "run_once": True,
+                        },
+                        {
+                            "name": "Show it",
+                            "ansible.builtin.debug": {
+                                "msg": "ARGV {{ spacemoe_constellation_up_argv "
+                                "| to_json }}"
+                            },
+                        },
+                    ],
+                }
+            ]
+        )
+    )
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(
+        yaml.safe_dump(
+            {
+                "all": {
+                    "hosts": {
+                        f"h{i}": {
+                            "ansible_connection": "local",
+                            "spacemoe_partition_index": i,
+                        }
+                        for i in range(2)
+                    },
+                    # vars_files outrank inventory, so the spacemoe
+                    # role's own defaults stay out of the play.
+                    "vars": {
+                        "spacemoe_partitions": 2,
+                        "spacemoe_repo_dir": "/opt/spacemoe",
+                        "spacemoe_cli": "/opt/spacemoe/.venv/bin/spacemoe",
+                    },
+                }
+            }
+        )
+    )
+    argv = [str(BIN / "ansible-playbook"), "-i", str(inventory), str(playbook)]
+    result = _run(argv, _env(), timeout_s=120)
+    assert result.returncode == 0, _explain(result)
+    rendered = [
+        json.loads(line.split("ARGV ", 1)[1].rstrip('"').replace('\\"', '"'))
+        for line in result.stdout.splitlines()
+        if "ARGV " in line
+    ]
+    assert len(rendered) == 2
+    for index, command in enumerate(rendered):
+        assert command[1] == "up" and command[-1] == "--detach"
+        assert command[command.index("--partition") + 1] == str(index)
+        assert command[command.index("--start-at") + 1] == "1700000005"
 
 
 def _recap_changed(

@@ -1,0 +1,177 @@
+"""`spacemoe up` split over two pseudo-hosts, inference across them.
+
+Two network namespaces joined by an underlay veth pair stand for two
+machines. In each, a holder process keeps a private mount namespace (own
+/run/netns and sysfs) open; every `spacemoe` command of that host runs in
+the holder's namespaces, as if on that machine. Both hosts bring up their
+partition of the built-in scenario with brokers, agents and Prometheus on
+one shared start time; `spacemoe infer` at the home station's host then
+reaches experts on both hosts over the data plane.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+HOSTS = ["10.78.0.1", "10.78.0.2"]
+PSEUDO = ["smoetest-ia", "smoetest-ib"]
+
+
+class Host:
+    """A pseudo-host: a holder process in its network and mount namespace."""
+
+    def __init__(self, index: int, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        script = (
+            "mount -t tmpfs none /run/netns && mount -t sysfs none /sys "
+            "&& exec sleep infinity"
+        )
+        self.holder = subprocess.Popen(
+            [
+                "nsenter",
+                f"--net=/run/netns/{PSEUDO[index]}",
+                "--",
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "sh",
+                "-c",
+                script,
+            ]
+        )
+        # The holder is ready once `sleep` runs with the mounts in place.
+        deadline = time.monotonic() + 10
+        while "sleep" not in Path(f"/proc/{self.holder.pid}/cmdline").read_text():
+            assert time.monotonic() < deadline, "pseudo-host holder did not start"
+            time.sleep(0.05)
+
+    def spacemoe(
+        self, *args: str, timeout_s: float = 300.0
+    ) -> subprocess.CompletedProcess[str]:
+        pid = self.holder.pid
+        argv = [
+            "nsenter",
+            f"--net=/proc/{pid}/ns/net",
+            f"--mount=/proc/{pid}/ns/mnt",
+            "--",
+            sys.executable,
+            "-m",
+            "controller.cli",
+            *args,
+        ]
+        env = {
+            **os.environ,
+            "SPACEMOE_RUN_DIR": str(self.run_dir),
+            "PYTHONPATH": str(REPO),
+        }
+        return subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=REPO
+        )
+
+    def netns_names(self) -> list[str]:
+        pid = self.holder.pid
+        out = subprocess.run(
+            ["nsenter", f"--mount=/proc/{pid}/ns/mnt", "--", "ls", "/run/netns"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return out.split()
+
+    def close(self) -> None:
+        self.holder.kill()
+        self.holder.wait()
+
+
+def _ip(*argv: str, netns: str | None = None) -> None:
+    prefix = ["ip", "netns", "exec", netns] if netns else []
+    subprocess.run([*prefix, "ip", *argv], check=True, capture_output=True)
+
+
+@pytest.fixture
+def two_hosts(net_sandbox: None, tmp_path: Path) -> Iterator[list[Host]]:
+    for name in PSEUDO:
+        _ip("netns", "add", name)
+    hosts: list[Host] = []
+    try:
+        _ip(
+            "link", "add", "ul0", "mtu", "1550", "netns", PSEUDO[0], "type", "veth",
+            "peer", "ul0", "mtu", "1550", "netns", PSEUDO[1],
+        )  # fmt: skip
+        for name, address in zip(PSEUDO, HOSTS, strict=True):
+            _ip("addr", "add", f"{address}/24", "dev", "ul0", netns=name)
+            _ip("link", "set", "ul0", "up", netns=name)
+            _ip("link", "set", "lo", "up", netns=name)
+        for index in range(2):
+            hosts.append(Host(index, tmp_path / f"run{index}"))
+        yield hosts
+    finally:
+        for host in hosts:
+            try:
+                if host.netns_names():
+                    host.spacemoe("down")
+                    host.spacemoe("clean")
+            finally:
+                host.close()
+        for name in PSEUDO:
+            subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_inference_reaches_experts_on_both_hosts(
+    two_hosts: list[Host], tmp_path: Path
+) -> None:
+    scenario = tmp_path / "split.yaml"
+    base = (REPO / "topology/scenarios/default.yaml").read_text()
+    scenario.write_text(
+        base.replace("name: ", "name: split-", 1)
+        .replace("  partitions: []", f"  partitions: {json.dumps(HOSTS)}")
+        .replace("  k: 8 ", "  k: 24 ")
+    )
+    start_at = f"{time.time() + 60:.0f}"
+    for index, host in enumerate(two_hosts):
+        up = host.spacemoe(
+            "up", str(scenario), "--partition", str(index), "--start-at", start_at,
+            "--detach",
+        )  # fmt: skip
+        assert up.returncode == 0, up.stderr + up.stdout
+
+    moe = json.loads((two_hosts[0].run_dir / "moe.json").read_text())
+    state = json.loads((two_hosts[0].run_dir / "state.json").read_text())
+    owner = {n["name"]: n["partition"] for n in state["nodes"]}
+    holders = {n for p in moe["placement"] for n in p["nodes"]}
+    assert owner[moe["home"]] == 0
+    assert {owner[n] for n in holders} == {0, 1}, holders
+    # The same placement on both hosts, each running its own share of it.
+    other = json.loads((two_hosts[1].run_dir / "moe.json").read_text())
+    assert other["placement"] == moe["placement"]
+
+    out = tmp_path / "infer.json"
+    infer = two_hosts[0].spacemoe(
+        "infer", "def main(", "--tokens", "4", "--json", str(out)
+    )
+    assert infer.returncode == 0, infer.stderr + infer.stdout
+    report = json.loads(out.read_text())
+    assert len(report["tokens"]) == 4 and len(report["rows"]) == 4
+
+    # At the other host, the home station is not here: a clear refusal.
+    refused = two_hosts[1].spacemoe("infer", "def main(", "--tokens", "1")
+    assert refused.returncode != 0
+    assert "runs on partition 0 (10.78.0.1)" in refused.stderr
+
+    for host in two_hosts:
+        down = host.spacemoe("down")
+        assert down.returncode == 0, down.stderr
+        assert host.netns_names() == []
