@@ -291,7 +291,8 @@ def test_chain_rtt_is_sum_of_link_delays(chain: Chain, delayline: DelayLine) -> 
 
     assert link["packets"] == 40 and link["released"] == 40 and link["drops"] == 0
     assert link["bytes"] == 40 * (20 + 8 + PACKET.size)
-    assert 0 <= link["max_lateness_s"] < 0.005
+    # The learnt lead may let a packet go a fraction of a millisecond early.
+    assert -0.0005 <= link["max_lateness_s"] < 0.005
 
 
 @pytest.mark.root
