@@ -50,11 +50,23 @@ class Host:
                 script,
             ]
         )
-        # The holder is ready once `sleep` runs with the mounts in place.
+        # The holder is ready once it has exec'd `sleep`, which the shell does
+        # only after both mounts succeeded. Its first command line (nsenter's)
+        # already names sleep in the script, so argv[0] is what tells.
         deadline = time.monotonic() + 10
-        while "sleep" not in Path(f"/proc/{self.holder.pid}/cmdline").read_text():
+        while self._argv0() != b"sleep":
+            assert self.holder.poll() is None, (
+                f"pseudo-host holder exited with {self.holder.returncode}"
+            )
             assert time.monotonic() < deadline, "pseudo-host holder did not start"
             time.sleep(0.05)
+
+    def _argv0(self) -> bytes:
+        try:
+            cmdline = Path(f"/proc/{self.holder.pid}/cmdline").read_bytes()
+        except FileNotFoundError:
+            return b""
+        return cmdline.split(b"\0", 1)[0]
 
     def spacemoe(
         self, *args: str, timeout_s: float = 300.0
@@ -117,11 +129,12 @@ def two_hosts(net_sandbox: None, tmp_path: Path) -> Iterator[list[Host]]:
             hosts.append(Host(index, tmp_path / f"run{index}"))
         yield hosts
     finally:
+        # Always down and clean: an `up` that went astray may have left
+        # nothing in this host's /run/netns and still be running.
         for host in hosts:
             try:
-                if host.netns_names():
-                    host.spacemoe("down")
-                    host.spacemoe("clean")
+                host.spacemoe("down")
+                host.spacemoe("clean")
             finally:
                 host.close()
         for name in PSEUDO:
