@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.topology.underlay import underlay
+
 REPO = Path(__file__).resolve().parents[2]
 HOSTS = ["10.78.0.1", "10.78.0.2"]
 PSEUDO = ["smoetest-ia", "smoetest-ib"]
@@ -106,39 +108,23 @@ class Host:
         self.holder.wait()
 
 
-def _ip(*argv: str, netns: str | None = None) -> None:
-    prefix = ["ip", "netns", "exec", netns] if netns else []
-    subprocess.run([*prefix, "ip", *argv], check=True, capture_output=True)
-
-
 @pytest.fixture
 def two_hosts(net_sandbox: None, tmp_path: Path) -> Iterator[list[Host]]:
-    for name in PSEUDO:
-        _ip("netns", "add", name)
-    hosts: list[Host] = []
-    try:
-        _ip(
-            "link", "add", "ul0", "mtu", "1550", "netns", PSEUDO[0], "type", "veth",
-            "peer", "ul0", "mtu", "1550", "netns", PSEUDO[1],
-        )  # fmt: skip
-        for name, address in zip(PSEUDO, HOSTS, strict=True):
-            _ip("addr", "add", f"{address}/24", "dev", "ul0", netns=name)
-            _ip("link", "set", "ul0", "up", netns=name)
-            _ip("link", "set", "lo", "up", netns=name)
-        for index in range(2):
-            hosts.append(Host(index, tmp_path / f"run{index}"))
-        yield hosts
-    finally:
-        # Always down and clean: an `up` that went astray may have left
-        # nothing in this host's /run/netns and still be running.
-        for host in hosts:
-            try:
-                host.spacemoe("down")
-                host.spacemoe("clean")
-            finally:
-                host.close()
-        for name in PSEUDO:
-            subprocess.run(["ip", "netns", "del", name], check=False)
+    with underlay(PSEUDO, HOSTS):
+        hosts: list[Host] = []
+        try:
+            for index in range(2):
+                hosts.append(Host(index, tmp_path / f"run{index}"))
+            yield hosts
+        finally:
+            # Always down and clean: an `up` that went astray may have left
+            # nothing in this host's /run/netns and still be running.
+            for host in hosts:
+                try:
+                    host.spacemoe("down")
+                    host.spacemoe("clean")
+                finally:
+                    host.close()
 
 
 @pytest.mark.root

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.topology.underlay import underlay
 from topology.errors import ConfigError
 from topology.scenario import load_scenario
 
@@ -171,41 +172,23 @@ class PseudoHost:
         return leftovers
 
 
-def _ip(*argv: str, netns: str | None = None) -> str:
-    prefix = ["ip", "netns", "exec", netns] if netns else []
-    return subprocess.run(
-        [*prefix, "ip", *argv], check=True, capture_output=True, text=True
-    ).stdout
-
-
 @pytest.fixture(scope="module")
 def two_hosts(net_sandbox: None, tmp_path_factory: pytest.TempPathFactory):
     """Two pseudo-hosts joined by an underlay, one partition in each."""
-    for name in PSEUDO:
-        _ip("netns", "add", name)
-    hosts: list[PseudoHost] = []
-    try:
-        _ip(
-            "link", "add", "ul0", "mtu", "1550", "netns", PSEUDO[0], "type", "veth",
-            "peer", "ul0", "mtu", "1550", "netns", PSEUDO[1],
-        )  # fmt: skip
-        for name, address in zip(PSEUDO, HOSTS, strict=True):
-            _ip("addr", "add", f"{address}/24", "dev", "ul0", netns=name)
-            _ip("link", "set", "ul0", "up", netns=name)
-            _ip("link", "set", "lo", "up", netns=name)
-        for index in range(2):
-            hosts.append(PseudoHost(index, tmp_path_factory.mktemp(f"run{index}")))
-        for host in hosts:
-            host.ready = host.receive()
-        yield hosts
-    finally:
-        for host in hosts:
-            try:
-                host.down()
-            except Exception:
-                host.proc.kill()
-        for name in PSEUDO:
-            subprocess.run(["ip", "netns", "del", name], check=False)
+    with underlay(PSEUDO, HOSTS):
+        hosts: list[PseudoHost] = []
+        try:
+            for index in range(2):
+                hosts.append(PseudoHost(index, tmp_path_factory.mktemp(f"run{index}")))
+            for host in hosts:
+                host.ready = host.receive()
+            yield hosts
+        finally:
+            for host in hosts:
+                try:
+                    host.down()
+                except Exception:
+                    host.proc.kill()
 
 
 def step_both(hosts: list[PseudoHost], t_s: float) -> None:
