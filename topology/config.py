@@ -160,8 +160,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(
-                f"{path}: expected a whole number, got "
-                f"{type(value).__name__} {value!r}"
+                f"{path}: expected a whole number, got {type(value).__name__} {value!r}"
             )
         return value
     if tp is str:
@@ -188,8 +187,12 @@ def _check_bounds(meta: Mapping[str, Any], value: Any, path: str) -> None:
         if not isinstance(v, (int, float)):
             continue
         if lo is not None and v < lo:
-            raise ConfigError(f"{path}: {v!r} is below the minimum {lo!r}; "
-                              f"use a value of at least {lo!r}")
+            raise ConfigError(
+                f"{path}: {v!r} is below the minimum {lo!r}; "
+                f"use a value of at least {lo!r}"
+            )
         if hi is not None and v > hi:
-            raise ConfigError(f"{path}: {v!r} is above the maximum {hi!r}; "
-                              f"use a value of at most {hi!r}")
+            raise ConfigError(
+                f"{path}: {v!r} is above the maximum {hi!r}; "
+                f"use a value of at most {hi!r}"
+            )
