@@ -129,6 +129,37 @@ def create_named(name: str) -> Path:
     return path
 
 
+def attach_named(name: str, pid: int) -> Path:
+    """Name the namespace of process `pid` at /run/netns/NAME; return its path.
+
+    What ``ip netns attach NAME PID`` does: a bind mount of the process's
+    namespace, so that everything that finds nodes by name (``ip netns
+    exec``, the delay line, brokers, ``spacemoe exec``) finds a container's
+    namespace like one of ours, and it stays valid until
+    :func:`remove_named` even if the process dies.
+    """
+    global _netns_dir_ready
+    if not _netns_dir_ready:
+        _prepare_netns_dir()
+        _netns_dir_ready = True
+    path = NETNS_DIR / name
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
+    except FileExistsError:
+        raise EmulationError(
+            f"network namespace {name!r} already exists; a previous run was not "
+            "torn down: run `spacemoe clean` (or `spacemoe down`) first"
+        ) from None
+    source = f"/proc/{pid}/ns/net".encode()
+    if _libc().mount(source, str(path).encode(), b"none", MS_BIND, None) != 0:
+        code = ctypes.get_errno()
+        path.unlink(missing_ok=True)
+        raise EmulationError(
+            f"bind mount of /proc/{pid}/ns/net onto {path}: {os.strerror(code)}"
+        )
+    return path
+
+
 def remove_named(name: str) -> None:
     """Remove namespace `name` (the kernel frees it once nothing uses it)."""
     path = NETNS_DIR / name

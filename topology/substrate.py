@@ -268,6 +268,8 @@ class Substrate(ABC):
 class KernelSubstrate(Substrate):
     """Nodes are network namespaces; links are veth pairs between them."""
 
+    node_kind = "namespace"
+
     def __init__(self, shaping: str = "auto", delayline_workers: int = 1) -> None:
         if os.geteuid() != 0:
             raise EmulationError(
