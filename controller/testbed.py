@@ -710,6 +710,7 @@ def format_status(state: dict[str, Any]) -> str:
         f"time       t={state.get('t_s', 0):.1f} s  {state.get('when_utc')}  "
         f"speed x{state.get('speed')}",
         f"shaping    {state.get('shaping')}",
+        f"node kind  {state.get('node_kind', 'namespace')}",
         f"nodes      {counts.get('nodes')} ({counts.get('satellites')} satellites)",
         f"links      {counts.get('links_up')} up of {counts.get('links')}",
         f"steps      {counts.get('steps')} ({counts.get('late_steps')} late); "

@@ -11,7 +11,9 @@ What counts as ours, and how each is found:
   shows);
 - network namespaces ``smoe-*`` under /run/netns (their links, qdiscs,
   routes and delay-line rules go with them);
-- root-namespace links ``smoe*`` (the management bridge and its ports).
+- root-namespace links ``smoe*`` (the management bridge and its ports);
+- with ``nodes: docker``: containers labelled ``org.spacemoe.node`` in our
+  own dockerd, then that dockerd, found by its own pid file.
 
 Nothing is killed by process name machine-wide, and nothing outside these
 names is touched. ``emulator.down()`` is the orderly path; this is for
@@ -38,7 +40,7 @@ log = logging.getLogger(__name__)
 
 # Programs the testbed starts; a pid file's process must run one of them.
 OUR_PROGRAMS = ("python", "spacemoe", "mosquitto", "prometheus")
-RUN_FILES = ("state.json", "clock.json")
+RUN_FILES = ("state.json", "clock.json", "docker.json")
 
 
 def clean(grace_s: float = 3.0) -> list[str]:
@@ -48,6 +50,7 @@ def clean(grace_s: float = 3.0) -> list[str]:
     removed: list[str] = []
 
     removed += _stop_recorded_processes(run_dir(), grace_s)
+    removed += _stop_docker_nodes()
 
     namespaces = list_named(f"{PREFIX}-")
     inodes = {}
@@ -73,6 +76,20 @@ def clean(grace_s: float = 3.0) -> list[str]:
     for line in removed:
         log.info("clean: removed %s", line)
     return removed
+
+
+def _stop_docker_nodes() -> list[str]:
+    """Our containers and our dockerd (``nodes: docker``), if any are left.
+
+    Only the daemon in our own pid file, and in it only containers labelled
+    ours, are touched; the host's Docker never is.
+    """
+    from containers.docker import docker_root, stop_leftover
+    from topology.dockernodes import recorded
+
+    record = recorded()
+    root = Path(record["root"]) if record else docker_root()
+    return stop_leftover(root)
 
 
 def _pid_files(directory: Path) -> list[Path]:

@@ -45,6 +45,7 @@ import ipaddress
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -61,7 +62,7 @@ from topology.links import GSL, Geometry, GeometryState, LinkState
 from topology.partitions import Partitioning, fixed_link_ids, max_fixed_link_id
 from topology.routing import RouteChanges, Router
 from topology.rundir import namespace_name, run_dir
-from topology.scenario import Scenario
+from topology.scenario import EmulationConfig, Scenario
 from topology.shaping import Shape
 from topology.substrate import (
     LinkSpec,
@@ -165,9 +166,7 @@ class Emulator:
             scenario.emulation.route_hysteresis_s,
         )
         self._substrate_given = substrate is not None
-        self.substrate: Substrate = substrate or NamespaceSubstrate(
-            shaping=scenario.emulation.shaping
-        )
+        self.substrate: Substrate = substrate or _substrate_for(scenario.emulation)
         self.node_u32 = self.plan.node_addresses_u32()
 
         # Applied link state, by link id; link_of[a, b] (both orders) is the
@@ -783,6 +782,7 @@ class Emulator:
             "when_utc": when.isoformat(),
             "written_unix_s": time.time(),
             "shaping": self.substrate.shaping_mode,
+            "node_kind": getattr(self.substrate, "node_kind", "namespace"),
             "speed": self.scenario.time.speed,
             "step_s": self.scenario.time.step_s,
             "management_bridge": str(self.plan.management_bridge_address()),
@@ -828,6 +828,19 @@ def status() -> dict[str, Any] | None:
     return state
 
 
+def _substrate_for(emulation: EmulationConfig) -> Substrate:
+    """The substrate backend the scenario's `emulation.nodes` names."""
+    if emulation.nodes == "docker":
+        from topology.dockernodes import DockerSubstrate
+
+        return DockerSubstrate(
+            shaping=emulation.shaping,
+            cpus=emulation.node_cpus,
+            memory_bytes=emulation.node_memory_bytes,
+        )
+    return NamespaceSubstrate(shaping=emulation.shaping)
+
+
 def exec_in(node: str, argv: list[str]) -> None:
     """Replace this process with `argv` run inside `node`'s namespace.
 
@@ -841,6 +854,17 @@ def exec_in(node: str, argv: list[str]) -> None:
         )
     if not argv:
         raise EmulationError("exec_in: give a command to run")
+    from topology.dockernodes import recorded
+
+    docker = recorded()
+    if docker is not None and node in docker["containers"]:
+        # Inside the container: its file system and processes, as docker exec.
+        tty = ["-t"] if sys.stdin.isatty() and sys.stdout.isatty() else []
+        os.execvp(
+            "docker",
+            ["docker", "-H", f"unix://{docker['socket']}", "exec", "-i", *tty,
+             docker["containers"][node], *argv],
+        )  # fmt: skip
     os.execvp("ip", ["ip", "netns", "exec", name, *argv])
 
 

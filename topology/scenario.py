@@ -170,6 +170,26 @@ class EmulationConfig:
             help="auto: netem where the kernel has it, else tbf + user-space delay line"
         ),
     )
+    nodes: Literal["namespace", "docker"] = field(
+        default="namespace",
+        metadata=spec(
+            help="namespace: each node a named network namespace; docker: each "
+            "node a container of our own dockerd (topology/dockernodes.py)"
+        ),
+    )
+    node_cpus: float | None = field(
+        default=None,
+        metadata=spec(
+            min=0.01, help="docker nodes: CPUs per container (--cpus); null: no limit"
+        ),
+    )
+    node_memory_bytes: int | None = field(
+        default=None,
+        metadata=spec(
+            min=6 * 2**20,
+            help="docker nodes: memory per container (--memory); null: no limit",
+        ),
+    )
     delay_threshold_s: float = field(
         default=1e-4,
         metadata=spec(min=0, help="skip delay changes smaller than this"),
@@ -222,6 +242,14 @@ class EmulationConfig:
     )
 
     def validate(self, where: str) -> None:
+        if self.nodes != "docker":
+            for name in ("node_cpus", "node_memory_bytes"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(
+                        f"{where}.{name}: {getattr(self, name)!r} limits a "
+                        "container, but nodes is 'namespace'; set nodes: docker "
+                        f"or remove {name}"
+                    )
         seen: set[ipaddress.IPv4Address] = set()
         for i, text in enumerate(self.partitions):
             try:
