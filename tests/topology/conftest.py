@@ -15,6 +15,7 @@ import ctypes
 import ctypes.util
 import os
 import subprocess
+import tempfile
 from collections.abc import Iterator
 
 import pytest
@@ -23,12 +24,45 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWNET = 0x40000000
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
+MS_BIND = 4096
+MNT_DETACH = 2
 
 
 def _check(result: int, what: str) -> None:
     if result != 0:
         code = ctypes.get_errno()
         raise OSError(code, f"{what}: {os.strerror(code)}")
+
+
+def _mount_sysfs_keeping_cgroups(libc: ctypes.CDLL) -> None:
+    """A sysfs of this network namespace on /sys, with the cgroups kept.
+
+    A fresh sysfs hides the cgroup hierarchies mounted below
+    /sys/fs/cgroup, which dockerd needs (``nodes: docker``): they are moved
+    aside first and bound back on top.
+    """
+    keep = os.path.ismount("/sys/fs/cgroup")
+    stash = tempfile.mkdtemp(prefix="smoe-cgroup-") if keep else None
+    try:
+        if stash is not None:
+            _check(
+                libc.mount(
+                    b"/sys/fs/cgroup", stash.encode(), None, MS_BIND | MS_REC, None
+                ),
+                "bind /sys/fs/cgroup aside",
+            )
+        _check(libc.mount(b"sysfs", b"/sys", b"sysfs", 0, None), "/sys")
+        if stash is not None:
+            _check(
+                libc.mount(
+                    stash.encode(), b"/sys/fs/cgroup", None, MS_BIND | MS_REC, None
+                ),
+                "bind cgroups back",
+            )
+    finally:
+        if stash is not None:
+            libc.umount2(stash.encode(), MNT_DETACH)
+            os.rmdir(stash)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +79,7 @@ def net_sandbox() -> Iterator[None]:
         _check(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "private /")
         os.makedirs("/run/netns", exist_ok=True)
         _check(libc.mount(b"tmpfs", b"/run/netns", b"tmpfs", 0, None), "/run/netns")
-        _check(libc.mount(b"sysfs", b"/sys", b"sysfs", 0, None), "/sys")
+        _mount_sysfs_keeping_cgroups(libc)
         # A new network namespace starts with loopback down; exporters and
         # Prometheus bind 127.0.0.1.
         subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
