@@ -30,9 +30,9 @@ from pathlib import Path
 
 from containers.docker import IMAGE, NODE_LABEL, Dockerd, docker_root
 from topology.errors import EmulationError
-from topology.netns import Namespace, attach_named, remove_named
+from topology.netns import Namespace, attach_named
 from topology.rundir import namespace_name, run_dir
-from topology.substrate import KernelSubstrate, NodeSpec
+from topology.substrate import NamespaceSubstrate, NodeSpec, open_named
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ PARALLEL_RUNS = 6
 RECORD = "docker.json"
 
 
-class DockerSubstrate(KernelSubstrate):
+class DockerSubstrate(NamespaceSubstrate):
     """Each node is a container of our own dockerd, wired by the emulator."""
 
     node_kind = "docker"
@@ -120,16 +120,7 @@ class DockerSubstrate(KernelSubstrate):
                 f"node {name!r} has no container; add_nodes makes them"
             )
         label = namespace_name(name)
-        path = attach_named(label, pid)
-        try:
-            return Namespace(path, label)
-        except BaseException:
-            remove_named(label)
-            raise
-
-    def _discard_node(self, name: str, namespace: Namespace) -> None:
-        namespace.close()
-        remove_named(namespace.label)
+        return open_named(label, attach_named(label, pid))
 
     def teardown(self) -> None:
         errors: list[BaseException] = []

@@ -91,8 +91,8 @@ def _prepare_netns_dir() -> None:
 _netns_dir_ready = False
 
 
-def create_named(name: str) -> Path:
-    """Create namespace `name` at /run/netns/NAME; return its path."""
+def _mount_point(name: str) -> Path:
+    """Create the empty file /run/netns/NAME that a namespace is bound onto."""
     global _netns_dir_ready
     if not _netns_dir_ready:
         _prepare_netns_dir()
@@ -105,6 +105,12 @@ def create_named(name: str) -> Path:
             f"network namespace {name!r} already exists; a previous run was not "
             "torn down: run `spacemoe clean` (or `spacemoe down`) first"
         ) from None
+    return path
+
+
+def create_named(name: str) -> Path:
+    """Create namespace `name` at /run/netns/NAME; return its path."""
+    path = _mount_point(name)
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
         _check(_libc().unshare(CLONE_NEWNET), f"unshare for namespace {name}")
@@ -138,18 +144,7 @@ def attach_named(name: str, pid: int) -> Path:
     namespace like one of ours, and it stays valid until
     :func:`remove_named` even if the process dies.
     """
-    global _netns_dir_ready
-    if not _netns_dir_ready:
-        _prepare_netns_dir()
-        _netns_dir_ready = True
-    path = NETNS_DIR / name
-    try:
-        os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
-    except FileExistsError:
-        raise EmulationError(
-            f"network namespace {name!r} already exists; a previous run was not "
-            "torn down: run `spacemoe clean` (or `spacemoe down`) first"
-        ) from None
+    path = _mount_point(name)
     source = f"/proc/{pid}/ns/net".encode()
     if _libc().mount(source, str(path).encode(), b"none", MS_BIND, None) != 0:
         code = ctypes.get_errno()

@@ -7,15 +7,17 @@ Layers, from the interface down::
         │                veths, addresses, qdiscs, delay line, routes,
         │                management network, exec
         └── NamespaceSubstrate
-                         nodes are named namespaces ``smoe-<node>`` made
-                         here (the kind of host Mininet makes)
+            │            nodes are named namespaces ``smoe-<node>`` made
+            │            here (the kind of host Mininet makes)
+            └── DockerSubstrate
+                         nodes are containers of our own dockerd, their
+                         namespaces named ``smoe-<node>`` like ours
+                         (:mod:`topology.dockernodes`)
 
-A backend whose nodes are Docker containers or Mininet hosts subclasses
-:class:`KernelSubstrate` and only says how a node's namespace comes to be
-(:meth:`KernelSubstrate._open_node`: e.g. start the container, then
-``ip netns attach smoe-<node> <pid>`` so the delay line can find it by name,
-and return ``Namespace.of_process(pid, ...)``) and goes away
-(:meth:`KernelSubstrate._discard_node`).
+A backend only says how a node's namespace comes to be
+(:meth:`KernelSubstrate._open_node`: for Docker, start the container, then
+name its namespace, as ``ip netns attach`` does, so the delay line finds
+it by name) and goes away (:meth:`KernelSubstrate._discard_node`).
 
 Kernel objects of a running emulation, all named so that
 :mod:`topology.cleanup` finds exactly ours:
@@ -743,16 +745,20 @@ class NamespaceSubstrate(KernelSubstrate):
 
     def _open_node(self, name: str) -> Namespace:
         label = namespace_name(name)
-        path = create_named(label)
-        try:
-            return Namespace(path, label)
-        except BaseException:
-            remove_named(label)
-            raise
+        return open_named(label, create_named(label))
 
     def _discard_node(self, name: str, namespace: Namespace) -> None:
         namespace.close()
         remove_named(namespace.label)
+
+
+def open_named(label: str, path: Path) -> Namespace:
+    """Open the namespace just named `label` at `path`; unname it on failure."""
+    try:
+        return Namespace(path, label)
+    except BaseException:
+        remove_named(label)
+        raise
 
 
 def ensure_neighbour_capacity(entries: int) -> None:
