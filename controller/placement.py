@@ -20,10 +20,19 @@ ground       every expert at home. The static ground baseline: home runs a
 round-robin  experts dealt in turn over the K satellites nearest home by
              current path delay (optionally with R replicas each, on the
              next nodes of the ring).
+aware        satellite-aware: the K satellites with the smallest path delay
+             from home averaged over the coming orbit (a satellite that is
+             nearest now but about to pass out of reach ranks low), leaving
+             out those whose battery is low or whose compute module is
+             already hot; the most used experts go to the best of them.
+
+The orbits are deterministic, so `forecast_delays_s` works out the delays
+ahead from the scenario's own geometry, without touching the network.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -43,6 +52,9 @@ class PlacementContext:
     reachable now). `node_state` carries per-node figures such as
     ``soc_fraction`` or ``temperature_c`` once the power model provides
     them; `expert_load` the expected tokens per (layer, expert).
+    `delay_ahead_s` holds, per node, the one-way delay from home at the
+    forecast times (the first is now; ``inf`` where the node will be out
+    of reach), as :func:`forecast_delays_s` makes it.
     """
 
     home: str
@@ -51,6 +63,7 @@ class PlacementContext:
     hops: Mapping[str, int] = field(default_factory=dict)
     node_state: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     expert_load: Mapping[ExpertKey, float] = field(default_factory=dict)
+    delay_ahead_s: Mapping[str, Sequence[float]] = field(default_factory=dict)
 
 
 class PlacementPolicy(Protocol):
@@ -126,7 +139,100 @@ class RoundRobinPolicy:
         }
 
 
-POLICIES: dict[str, type] = {"ground": GroundPolicy, "round-robin": RoundRobinPolicy}
+class AwarePolicy:
+    """Experts on the `k` satellites best placed over the coming orbit.
+
+    A satellite is eligible when it is reachable from home now, its state
+    of charge is at least `min_soc_fraction` and its compute module is at
+    most `max_compute_temperature_c` (a node without state in the context
+    is taken as fit). Eligible satellites rank by how many forecast times
+    they will be out of reach, then by their mean delay from home over the
+    forecast (`context.delay_ahead_s`; without a forecast, the delay now),
+    then by name. Experts are dealt over the ranking as round-robin deals
+    them, the most used first (`context.expert_load`), so the heaviest
+    traffic has the shortest way; `replicas` as in round-robin.
+    """
+
+    name = "aware"
+
+    def __init__(
+        self,
+        k: int = 8,
+        replicas: int = 1,
+        min_soc_fraction: float = 0.0,
+        max_compute_temperature_c: float = float("inf"),
+    ) -> None:
+        if k < 1:
+            raise ConfigError(f"aware k={k}: must be at least 1")
+        if not 1 <= replicas <= k:
+            raise ConfigError(f"aware replicas={replicas}: must be between 1 and k={k}")
+        self.k = k
+        self.replicas = replicas
+        self.min_soc_fraction = min_soc_fraction
+        self.max_compute_temperature_c = max_compute_temperature_c
+
+    def fit(self, node: str, context: PlacementContext) -> bool:
+        """Whether `node`'s battery and heat allow it to take experts."""
+        state = context.node_state.get(node, {})
+        soc = state.get("soc_fraction", 1.0)
+        temperature_c = state.get("compute_temperature_c", -273.15)
+        return (
+            soc >= self.min_soc_fraction
+            and temperature_c <= self.max_compute_temperature_c
+        )
+
+    def rank(self, candidates: Sequence[str], context: PlacementContext) -> list[str]:
+        """Eligible candidates, best first (see the class docstring)."""
+
+        def key(node: str) -> tuple[int, float, str]:
+            ahead = list(context.delay_ahead_s.get(node, ()))
+            if not ahead:
+                return 0, context.path_delay_s[node], node
+            finite = [d for d in ahead if math.isfinite(d)]
+            mean = sum(finite) / len(finite) if finite else math.inf
+            return len(ahead) - len(finite), mean, node
+
+        eligible = [
+            node
+            for node in candidates
+            if node != context.home
+            and node in context.path_delay_s
+            and self.fit(node, context)
+        ]
+        return sorted(eligible, key=key)
+
+    def place(
+        self,
+        experts: Sequence[ExpertKey],
+        candidates: Sequence[str],
+        context: PlacementContext,
+    ) -> Placement:
+        best = self.rank(candidates, context)[: self.k]
+        if len(best) < self.replicas:
+            reachable = sum(
+                1 for n in candidates if n != context.home and n in context.path_delay_s
+            )
+            raise ConfigError(
+                f"aware placement needs {self.replicas} satellites but only "
+                f"{len(best)} of the {reachable} reachable from {context.home} have "
+                f"a state of charge of at least {self.min_soc_fraction} and a "
+                f"compute module at most {self.max_compute_temperature_c} C; lower "
+                "moe.min_soc_fraction, raise moe.max_compute_temperature_c or "
+                "lower moe.replicas"
+            )
+        # Most used first; equal loads (or none known) in expert order.
+        order = sorted(experts, key=lambda e: (-context.expert_load.get(e, 0.0), e))
+        return {
+            key: [best[(i + j) % len(best)] for j in range(self.replicas)]
+            for i, key in enumerate(order)
+        }
+
+
+POLICIES: dict[str, type] = {
+    "ground": GroundPolicy,
+    "round-robin": RoundRobinPolicy,
+    "aware": AwarePolicy,
+}
 
 
 def make_policy(name: str, **options: Any) -> PlacementPolicy:
@@ -209,3 +315,46 @@ def placement_to_json(
         f"{layer}/{expert}": list(nodes)
         for (layer, expert), nodes in sorted(placement.items())
     }
+
+
+def forecast_delays_s(
+    scenario: Any, home: str, t_s: float, horizon_s: float, samples: int
+) -> dict[str, list[float]]:
+    """One-way delay from `home` to every node at `samples` times ahead.
+
+    The times are `t_s`, then evenly on to `t_s + horizon_s`. Each is a
+    shortest path over that time's up links, from a geometry of its own
+    (stepped in order, so sticky handover carries from one time to the
+    next as it would in the emulator); the emulator's route hysteresis is
+    left out, so a forecast may be a few microseconds shorter than the
+    path the kernel will use. ``inf`` marks a node out of reach.
+    """
+    # Here, not at the top: agents import this module and need none of it.
+    import numpy as np
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import dijkstra
+
+    from topology.links import Geometry
+
+    if samples < 1:
+        raise ConfigError(f"forecast: samples must be at least 1, got {samples}")
+    if horizon_s < 0:
+        raise ConfigError(f"forecast: horizon_s must not be negative, got {horizon_s}")
+    geometry = Geometry(scenario)
+    names = geometry.names
+    if home not in names:
+        raise ConfigError(f"forecast: home {home!r} is not a node of the scenario")
+    source = names.index(home)
+    n = len(names)
+    times = np.linspace(t_s, t_s + horizon_s, samples) if samples > 1 else [t_s]
+    ahead: dict[str, list[float]] = {name: [] for name in names}
+    for when in times:
+        links = geometry.step(float(when)).links
+        up = np.asarray(links.up, dtype=bool)
+        graph = coo_matrix(
+            (links.delay_s[up], (links.a[up], links.b[up])), shape=(n, n)
+        ).tocsr()
+        dist = dijkstra(graph, directed=False, indices=source)
+        for name, delay_s in zip(names, dist, strict=True):
+            ahead[name].append(float(delay_s))
+    return ahead
