@@ -158,7 +158,9 @@ def _parser() -> argparse.ArgumentParser:
         help="node where the request enters (default: scenario's)",
     )
     sp.add_argument(
-        "--placement", default=None, help="ground | round-robin (default: scenario's)"
+        "--placement",
+        default=None,
+        help="ground | round-robin | aware (default: scenario's)",
     )
     sp.add_argument(
         "--json",

@@ -16,8 +16,10 @@ tear-down.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,8 +29,11 @@ from containers.launcher import Launcher
 from controller.inference import Endpoint, MoeConfig, MqttExecutor
 from controller.placement import (
     ExpertKey,
+    Placement,
     PlacementContext,
+    PlacementPolicy,
     check_placement,
+    forecast_delays_s,
     make_policy,
     node_shards,
 )
@@ -194,6 +199,73 @@ def ensure_shards(checkpoint: str | Path | None = None) -> Path:
     return directory
 
 
+@dataclasses.dataclass(frozen=True)
+class Placed:
+    """A placement with the policy, its options and the context it saw."""
+
+    policy: PlacementPolicy
+    options: dict[str, Any]
+    placement: Placement
+    context: PlacementContext
+
+
+def place_experts(
+    config: MoeConfig,
+    experts: Sequence[ExpertKey],
+    satellites: Sequence[str],
+    nodes: Sequence[str],
+    context: PlacementContext,
+    *,
+    scenario: Any = None,
+    node_state: Mapping[str, Mapping[str, float]] | None = None,
+    throttle_c: float | None = None,
+) -> Placed:
+    """Place `experts` as the scenario's `moe` section asks.
+
+    `context` holds the delays from home now. The aware policy also needs
+    the `scenario` (its orbits give the delays ahead), each satellite's
+    battery and heat (`node_state`; none: all fit) and the power model's
+    `throttle_c`, the default ceiling for a compute module's temperature.
+    """
+    options: dict[str, Any] = {}
+    if config.placement != "ground":
+        options = {"k": config.k, "replicas": config.replicas}
+    if config.placement == "aware":
+        if scenario is None:
+            raise ConfigError(
+                "moe.placement: aware forecasts from the scenario's orbits, and "
+                "none was given; run it through `spacemoe up`"
+            )
+        started = time.perf_counter()
+        ahead = forecast_delays_s(
+            scenario,
+            context.home,
+            context.time_s,
+            config.horizon_s,
+            config.horizon_samples,
+        )
+        log.info(
+            "placement forecast: %d times over %.0f s in %.2f s",
+            config.horizon_samples,
+            config.horizon_s,
+            time.perf_counter() - started,
+        )
+        context = dataclasses.replace(
+            context, delay_ahead_s=ahead, node_state=dict(node_state or {})
+        )
+        limit_c = config.max_compute_temperature_c
+        if limit_c is None:
+            limit_c = throttle_c if throttle_c is not None else float("inf")
+        options.update(
+            min_soc_fraction=config.min_soc_fraction,
+            max_compute_temperature_c=limit_c,
+        )
+    policy = make_policy(config.placement, **options)
+    placement = policy.place(experts, satellites, context)
+    check_placement(placement, experts, nodes)
+    return Placed(policy, options, placement, context)
+
+
 def run_inference(
     prompt: str,
     n_tokens: int,
@@ -203,8 +275,12 @@ def run_inference(
     state_path: Path | None = None,
     shard_dir: Path | None = None,
     compare: bool = True,
+    placement: Placement | None = None,
 ) -> dict[str, Any]:
     """Generate `n_tokens` through the running emulation; return the report.
+
+    The experts are placed as `config` asks at this moment, or kept where
+    a given `placement` (from :func:`place_experts` earlier) puts them.
 
     The network comes from `emulator` (an Emulator in this process) or else
     from its state file (default run_dir()/state.json, written by
@@ -212,6 +288,7 @@ def run_inference(
     placement uses and stopped afterwards. With `compare`, the
     single-process model runs on the same tokens for an accuracy check.
     """
+    from containers.power_config import load_power_config
     from controller.latency import (
         EmulatorPaths,
         PathModel,
@@ -243,15 +320,30 @@ def run_inference(
 
     delays = propagation_delays_s(paths, home, satellites)
     context = PlacementContext(home, float(state.get("t_s", 0.0)), delays)
-    options = {"k": config.k, "replicas": config.replicas}
-    policy = make_policy(
-        config.placement, **(options if config.placement == "round-robin" else {})
-    )
     shard_dir = shard_dir or ensure_shards(config.checkpoint)
     manifest = load_manifest(shard_dir)
     experts = [(e.layer, e.expert) for e in manifest.shards]
-    placement = policy.place(experts, satellites, context)
-    check_placement(placement, experts, [n["name"] for n in nodes])
+    names = [n["name"] for n in nodes]
+    options: dict[str, Any] = {}
+    if placement is None:
+        scenario = getattr(emulator, "scenario", None)
+        placed = place_experts(
+            config,
+            experts,
+            satellites,
+            names,
+            context,
+            scenario=scenario,
+            throttle_c=(
+                None
+                if scenario is None
+                else load_power_config(scenario.power).throttle_c
+            ),
+        )
+        placement, name, options = placed.placement, placed.policy.name, placed.options
+    else:
+        check_placement(placement, experts, names)
+        name = "fixed"
 
     endpoints = {
         n["name"]: Endpoint(n["name"], str(n["address"]).split("/")[0]) for n in nodes
@@ -287,7 +379,7 @@ def run_inference(
     report["scenario"] = state.get("scenario")
     report["t_s"] = state.get("t_s")
     report["shaping"] = state.get("shaping")
-    report["policy"] = {"name": policy.name, **options}
+    report["policy"] = {"name": name, **options}
     report["path_delay_s"] = {
         node: delays.get(node)
         for node in sorted(set(n for ns in placement.values() for n in ns))

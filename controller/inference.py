@@ -78,15 +78,38 @@ class MoeConfig:
         default=None,
         metadata=spec(help="node where requests enter; null: first ground station"),
     )
-    placement: Literal["ground", "round-robin"] = field(
+    placement: Literal["ground", "round-robin", "aware"] = field(
         default="round-robin",
-        metadata=spec(help="ground: all experts at home; round-robin: K nearest"),
+        metadata=spec(
+            help="ground: all experts at home; round-robin: K nearest now; "
+            "aware: K best over the horizon, battery and heat permitting"
+        ),
     )
     k: int = field(
-        default=8, metadata=spec(min=1, help="round-robin over this many satellites")
+        default=8, metadata=spec(min=1, help="experts spread over this many satellites")
     )
     replicas: int = field(
         default=1, metadata=spec(min=1, help="copies of each expert (failover)")
+    )
+    horizon_s: float = field(
+        default=1200.0,
+        metadata=spec(
+            min=0, help="aware: judge satellites by their delay over this much time"
+        ),
+    )
+    horizon_samples: int = field(
+        default=7,
+        metadata=spec(min=1, max=1000, help="aware: forecast times over the horizon"),
+    )
+    min_soc_fraction: float = field(
+        default=0.4,
+        metadata=spec(min=0, max=1, help="aware: no experts below this charge"),
+    )
+    max_compute_temperature_c: float | None = field(
+        default=None,
+        metadata=spec(
+            help="aware: no experts on a hotter compute module; null: power.throttle_c"
+        ),
     )
     wire_dtype: Literal["float32", "float16", "bfloat16"] = field(
         default="float32",

@@ -240,10 +240,10 @@ class Testbed:
         self.prometheus.start()
 
     def _start_moe(self) -> None:
-        from controller.deployment import Deployment, ensure_shards
+        from controller.deployment import Deployment, ensure_shards, place_experts
         from controller.inference import Endpoint
         from controller.latency import EmulatorPaths, propagation_delays_s
-        from controller.placement import PlacementContext, check_placement, make_policy
+        from controller.placement import PlacementContext
         from moe.shards import load_manifest
         from monitoring.metrics import AGENT_METRICS_PORT
 
@@ -259,18 +259,29 @@ class Testbed:
             )
 
         delays = propagation_delays_s(EmulatorPaths(emulator), home, satellites)
-        context = PlacementContext(home, emulator.t_s, delays)
-        options = (
-            {"k": self.moe.k, "replicas": self.moe.replicas}
-            if self.moe.placement == "round-robin"
-            else {}
-        )
-        policy = make_policy(self.moe.placement, **options)
         shard_dir = ensure_shards(self.moe.checkpoint)
         manifest = load_manifest(shard_dir)
         experts = [(e.layer, e.expert) for e in manifest.shards]
-        placement = policy.place(experts, satellites, context)
-        check_placement(placement, experts, names)
+        soc = self.power.soc_fraction
+        compute_c = self.power.compute_temperature_c
+        placed = place_experts(
+            self.moe,
+            experts,
+            satellites,
+            names,
+            PlacementContext(home, emulator.t_s, delays),
+            scenario=self.scenario,
+            node_state={
+                name: {
+                    "soc_fraction": float(soc[i]),
+                    "compute_temperature_c": float(compute_c[i]),
+                }
+                for i, name in enumerate(satellites)
+            },
+            throttle_c=self.power_config.throttle_c,
+        )
+        policy, options, placement = placed.policy, placed.options, placed.placement
+        context = placed.context
 
         nodes_json = {n["name"]: n for n in emulator.state()["nodes"]}
         endpoints = {
@@ -323,6 +334,13 @@ class Testbed:
             "path_delay_s": {
                 n: delays.get(n)
                 for n in sorted(set(h for hs in placement.values() for h in hs))
+            },
+            # aware: the forecast each placed node was chosen by (null: out
+            # of reach at that time).
+            "delay_ahead_s": {
+                n: [d if np.isfinite(d) else None for d in ahead]
+                for n, ahead in sorted(context.delay_ahead_s.items())
+                if any(n in hs for hs in placement.values())
             },
         }
         _write_json(run_dir() / "moe.json", doc)

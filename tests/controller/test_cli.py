@@ -9,6 +9,8 @@ subprocesses inside the module's private namespaces (`net_sandbox`).
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import signal
 import subprocess
@@ -17,6 +19,13 @@ import time
 from pathlib import Path
 
 import pytest
+
+# Imported here, not in a test: scipy starts BLAS threads when first
+# imported, and threads started inside `net_sandbox` keep it from leaving.
+import scipy.sparse.csgraph  # noqa: F401
+
+from controller.placement import AwarePolicy, PlacementContext, forecast_delays_s
+from topology.scenario import load_scenario
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -207,3 +216,55 @@ def _running(pid: int) -> bool:
             pass
         return False
     return True
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_up_with_aware_placement_serves_from_its_forecast(
+    net_sandbox: None, tmp_path: Path
+) -> None:
+    default = (REPO / "topology/scenarios/default.yaml").read_text()
+    assert "placement: round-robin" in default
+    scenario = write(
+        tmp_path / "aware.yaml",
+        default.replace("placement: round-robin", "placement: aware"),
+    )
+    run_dir = tmp_path / "run"
+    try:
+        up = spacemoe("up", str(scenario), "--detach", run_dir=run_dir, timeout_s=300)
+        assert up.returncode == 0, up.stderr
+        doc = json.loads((run_dir / "moe.json").read_text())
+        report_path = tmp_path / "infer.json"
+        infer = spacemoe(
+            "infer", "import ", "--tokens", "4", "--json", str(report_path),
+            run_dir=run_dir, timeout_s=180,
+        )  # fmt: skip
+        assert infer.returncode == 0, infer.stderr
+    finally:
+        down = spacemoe("down", run_dir=run_dir, timeout_s=120)
+        if down.returncode != 0:
+            spacemoe("clean", run_dir=run_dir)
+    assert down.returncode == 0, down.stderr
+
+    # The satellites are the ones the policy picks from the forecast.
+    config = doc["config"]
+    assert doc["policy"]["name"] == "aware"
+    home = config["home"]
+    ahead = forecast_delays_s(
+        load_scenario(scenario), home, 0.0, config["horizon_s"],
+        config["horizon_samples"],
+    )  # fmt: skip
+    now = {n: d[0] for n, d in ahead.items() if n != home and math.isfinite(d[0])}
+    context = PlacementContext(home, 0.0, now, delay_ahead_s=ahead)
+    satellites = [n for n in ahead if n.startswith("s")]
+    expected = AwarePolicy(k=config["k"]).rank(satellites, context)[: config["k"]]
+    placed = {n for p in doc["placement"] for n in p["nodes"]}
+    assert placed == set(expected)
+    assert set(doc["delay_ahead_s"]) == placed
+    assert all(
+        len(d) == config["horizon_samples"] for d in doc["delay_ahead_s"].values()
+    )
+
+    report = json.loads(report_path.read_text())
+    assert report["reference"]["tokens_identical"]
+    assert report["reference"]["max_abs_logit_diff"] <= 1e-5
