@@ -54,7 +54,10 @@ class PlacementContext:
     them; `expert_load` the expected tokens per (layer, expert).
     `delay_ahead_s` holds, per node, the one-way delay from home at the
     forecast times (the first is now; ``inf`` where the node will be out
-    of reach), as :func:`forecast_delays_s` makes it.
+    of reach), as :func:`forecast_delays_s` makes it. `current` is where
+    the experts are now, when placing again during a run: policies keep an
+    expert where it is if that node is still chosen, so only the experts
+    of nodes that left the chosen set move.
     """
 
     home: str
@@ -64,6 +67,7 @@ class PlacementContext:
     node_state: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     expert_load: Mapping[ExpertKey, float] = field(default_factory=dict)
     delay_ahead_s: Mapping[str, Sequence[float]] = field(default_factory=dict)
+    current: Mapping[ExpertKey, Sequence[str]] = field(default_factory=dict)
 
 
 class PlacementPolicy(Protocol):
@@ -133,10 +137,7 @@ class RoundRobinPolicy:
                 f"{len(nearest)} of {len(candidates)} candidates are reachable from "
                 f"{context.home}; lower replicas or wait for better visibility"
             )
-        return {
-            key: [nearest[(i + j) % len(nearest)] for j in range(self.replicas)]
-            for i, key in enumerate(sorted(experts))
-        }
+        return deal(sorted(experts), nearest, self.replicas, context.current)
 
 
 class AwarePolicy:
@@ -222,10 +223,45 @@ class AwarePolicy:
             )
         # Most used first; equal loads (or none known) in expert order.
         order = sorted(experts, key=lambda e: (-context.expert_load.get(e, 0.0), e))
+        return deal(order, best, self.replicas, context.current)
+
+
+def deal(
+    experts: Sequence[ExpertKey],
+    nodes: Sequence[str],
+    replicas: int,
+    current: Mapping[ExpertKey, Sequence[str]] | None = None,
+) -> Placement:
+    """`experts` in turn over `nodes` (best first), `replicas` nodes each.
+
+    Without `current` the i-th expert goes to node i mod K and its replicas
+    to the next nodes of the ring. With `current` (placing again during a
+    run), every expert keeps the holders it has among `nodes`, and the
+    replicas still missing go to the least loaded of `nodes`, best first,
+    so only the experts of nodes that left the set move.
+    """
+    if not current:
         return {
-            key: [best[(i + j) % len(best)] for j in range(self.replicas)]
-            for i, key in enumerate(order)
+            key: [nodes[(i + j) % len(nodes)] for j in range(replicas)]
+            for i, key in enumerate(experts)
         }
+    rank = {node: i for i, node in enumerate(nodes)}
+    load = dict.fromkeys(nodes, 0)
+    placement: Placement = {}
+    for key in experts:
+        kept = [n for n in current.get(key, ()) if n in rank][:replicas]
+        placement[key] = kept
+        for node in kept:
+            load[node] += 1
+    for key in experts:
+        holders = placement[key]
+        while len(holders) < replicas:
+            node = min(
+                (n for n in nodes if n not in holders), key=lambda n: (load[n], rank[n])
+            )
+            holders.append(node)
+            load[node] += 1
+    return placement
 
 
 POLICIES: dict[str, type] = {

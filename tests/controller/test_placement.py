@@ -12,6 +12,7 @@ from controller.placement import (
     PlacementContext,
     RoundRobinPolicy,
     check_placement,
+    deal,
     forecast_delays_s,
     make_policy,
     node_shards,
@@ -221,3 +222,46 @@ def test_aware_beats_nearest_now_over_its_horizon_in_the_default_scenario() -> N
     nearest = RoundRobinPolicy(k=8).place(experts, satellites, context)
     aware = AwarePolicy(k=8).place(experts, satellites, context)
     assert mean_delay_s(aware) < 0.9 * mean_delay_s(nearest)
+
+
+def test_deal_without_current_is_the_ring() -> None:
+    nodes = ["a", "b", "c"]
+    assert deal(EXPERTS, nodes, 2) == {
+        key: [nodes[i % 3], nodes[(i + 1) % 3]] for i, key in enumerate(EXPERTS)
+    }
+
+
+def test_deal_again_moves_only_the_experts_of_nodes_that_left() -> None:
+    before = deal(EXPERTS, ["a", "b", "c", "d"], 1)
+    # d left the chosen set and e joined it, best first.
+    after = deal(EXPERTS, ["e", "a", "b", "c"], 1, current=before)
+    moved = [key for key in EXPERTS if after[key] != before[key]]
+    assert moved == [key for key in EXPERTS if before[key] == ["d"]]
+    assert all(after[key] == ["e"] for key in moved)
+    loads = [sum(1 for v in after.values() if n in v) for n in "eabc"]
+    assert max(loads) - min(loads) <= 1
+
+
+def test_deal_again_fills_missing_replicas_on_the_least_loaded() -> None:
+    before = deal(EXPERTS, ["a", "b", "c"], 2)
+    after = deal(EXPERTS, ["a", "b", "x"], 2, current=before)
+    for key in EXPERTS:
+        kept = [n for n in before[key] if n != "c"]
+        assert after[key][: len(kept)] == kept
+        assert len(set(after[key])) == 2 and "c" not in after[key]
+    loads = {n: sum(1 for v in after.values() if n in v) for n in "abx"}
+    assert max(loads.values()) - min(loads.values()) <= 1
+
+
+def test_replacing_in_a_partitioned_run_is_refused_before_anything_starts(
+    tmp_path,
+) -> None:
+    from controller.testbed import Testbed
+
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "emulation:\n  partitions: [192.0.2.1, 192.0.2.2]\n"
+        "moe:\n  replace_every_s: 300\n"
+    )
+    with pytest.raises(ConfigError, match=r"moe\.replace_every_s: 300.*partitioned"):
+        Testbed(load_scenario(path))
