@@ -107,32 +107,10 @@ class Deployment:
         nodes = sorted(set(nodes) if nodes is not None else set(held))
         try:
             for node in nodes:
-                endpoint = self.endpoints[node]
-                broker = Broker(
-                    node,
-                    endpoint.host,
-                    endpoint.port,
-                    namespace=namespace_name(node) if self.namespaces else None,
-                )
-                self.brokers[node] = broker
-                broker.start()
+                self._start_broker(node)
             self.launcher = Launcher().start()
             for node in nodes:
-                endpoint = self.endpoints[node]
-                shards = [
-                    (layer, expert, shard_file_name(layer, expert))
-                    for layer, expert in held.get(node, [])
-                ]
-                self.launcher.spawn(
-                    node,
-                    endpoint.host,
-                    endpoint.port,
-                    self.shard_dir,
-                    namespace=namespace_name(node) if self.namespaces else None,
-                    shards=shards,
-                    metrics_addr=self.metrics_addrs.get(node),
-                    power=self._power_of(node),
-                )
+                self._spawn(node, held.get(node, []))
             self.launcher.wait_ready(list(nodes), timeout_s)
         except BaseException:
             self.stop()
@@ -143,6 +121,69 @@ class Deployment:
             sum(len(v) for v in held.values()),
         )
         return self
+
+    @property
+    def nodes(self) -> list[str]:
+        """The nodes running a broker and an agent of this deployment."""
+        return sorted(self.brokers)
+
+    def add_nodes(self, nodes: Sequence[str], timeout_s: float = 30.0) -> None:
+        """Start brokers and agents holding nothing yet on `nodes`.
+
+        They take shards by handover (see MqttExecutor.apply_placement).
+        """
+        if self.launcher is None:
+            raise InferenceError("add_nodes before start: start the deployment first")
+        new = [node for node in nodes if node not in self.brokers]
+        try:
+            for node in new:
+                self._start_broker(node)
+                self._spawn(node, [])
+            self.launcher.wait_ready(new, timeout_s)
+        except BaseException:
+            self.remove_nodes(new)
+            raise
+        if new:
+            log.info("agents added on %s", ", ".join(new))
+
+    def remove_nodes(self, nodes: Sequence[str]) -> None:
+        """Stop the agents and brokers of `nodes` (those that run)."""
+        for node in nodes:
+            if self.launcher is not None and node in self.launcher.status():
+                self.launcher.stop_agent(node)
+            broker = self.brokers.pop(node, None)
+            if broker is not None:
+                broker.stop()
+        if nodes:
+            log.info("agents removed from %s", ", ".join(nodes))
+
+    def _start_broker(self, node: str) -> None:
+        endpoint = self.endpoints[node]
+        broker = Broker(
+            node,
+            endpoint.host,
+            endpoint.port,
+            namespace=namespace_name(node) if self.namespaces else None,
+        )
+        self.brokers[node] = broker
+        broker.start()
+
+    def _spawn(self, node: str, held: Sequence[ExpertKey]) -> None:
+        assert self.launcher is not None
+        endpoint = self.endpoints[node]
+        self.launcher.spawn(
+            node,
+            endpoint.host,
+            endpoint.port,
+            self.shard_dir,
+            namespace=namespace_name(node) if self.namespaces else None,
+            shards=[
+                (layer, expert, shard_file_name(layer, expert))
+                for layer, expert in held
+            ],
+            metrics_addr=self.metrics_addrs.get(node),
+            power=self._power_of(node),
+        )
 
     def _power_of(self, node: str) -> tuple[Path, int, int] | None:
         if self.power_share is None or node not in self.power_rows:
@@ -241,13 +282,13 @@ def place_experts(
             scenario,
             context.home,
             context.time_s,
-            config.horizon_s,
+            config.horizon_used_s,
             config.horizon_samples,
         )
         log.info(
             "placement forecast: %d times over %.0f s in %.2f s",
             config.horizon_samples,
-            config.horizon_s,
+            config.horizon_used_s,
             time.perf_counter() - started,
         )
         context = dataclasses.replace(

@@ -91,10 +91,12 @@ class MoeConfig:
     replicas: int = field(
         default=1, metadata=spec(min=1, help="copies of each expert (failover)")
     )
-    horizon_s: float = field(
-        default=1200.0,
+    horizon_s: float | None = field(
+        default=None,
         metadata=spec(
-            min=0, help="aware: judge satellites by their delay over this much time"
+            min=0,
+            help="aware: judge satellites by their delay over this much time; "
+            "null: replace_every_s when placing again, else 1200 s",
         ),
     )
     horizon_samples: int = field(
@@ -104,6 +106,14 @@ class MoeConfig:
     min_soc_fraction: float = field(
         default=0.4,
         metadata=spec(min=0, max=1, help="aware: no experts below this charge"),
+    )
+    replace_every_s: float = field(
+        default=0.0,
+        metadata=spec(
+            min=0,
+            help="place again and move experts every this much scenario time; "
+            "0: keep the first placement",
+        ),
     )
     max_compute_temperature_c: float | None = field(
         default=None,
@@ -126,6 +136,13 @@ class MoeConfig:
             "MoE directory (config.json, *.safetensors, tokenizer); null: shipped one"
         ),
     )
+
+    @property
+    def horizon_used_s(self) -> float:
+        """The aware policy's horizon (see `horizon_s`)."""
+        if self.horizon_s is not None:
+            return self.horizon_s
+        return self.replace_every_s if self.replace_every_s > 0 else 1200.0
 
     def validate(self, where: str) -> None:
         if self.replicas > self.k:
@@ -605,12 +622,18 @@ class MqttExecutor:
         return reply
 
     def apply_placement(
-        self, new: Mapping[ExpertKey, Sequence[str]], timeout_s: float = 10.0
+        self,
+        new: Mapping[ExpertKey, Sequence[str]],
+        timeout_s: float = 10.0,
+        unload: bool = True,
     ) -> dict[str, Any]:
         """Move to placement `new` without a moment where an expert is unserved.
 
         New holders load and warm the shard (handover); only then does
-        routing switch; then old holders unload. Returns what moved.
+        routing switch; then old holders unload, unless `unload` is False
+        (the caller unloads the returned ``dropped`` later, with
+        :meth:`unload`, for other clients still using the old placement).
+        Returns what moved.
         """
         adds, drops = placement_moves(self.placement, new)
         for (layer, expert), node in adds:
@@ -620,7 +643,18 @@ class MqttExecutor:
             )
             log.info("layer %s expert %s handed over to %s", layer, expert, node)
         self.placement = {k: list(v) for k, v in new.items()}
-        for (layer, expert), node in drops:
+        if unload:
+            self.unload(drops, timeout_s)
+        return {
+            "added": [[layer, expert, node] for (layer, expert), node in adds],
+            "dropped": [[layer, expert, node] for (layer, expert), node in drops],
+        }
+
+    def unload(
+        self, shards: Sequence[tuple[ExpertKey, str]], timeout_s: float = 10.0
+    ) -> None:
+        """Tell each (expert, node) pair's agent to drop that shard."""
+        for (layer, expert), node in shards:
             try:
                 self.control(
                     node, wire.ControlCommand("unload", layer, expert), timeout_s
@@ -635,10 +669,6 @@ class MqttExecutor:
                     node,
                     exc,
                 )
-        return {
-            "added": [[layer, expert, node] for (layer, expert), node in adds],
-            "dropped": [[layer, expert, node] for (layer, expert), node in drops],
-        }
 
     def _shard_path(self, layer: int, expert: int) -> str:
         path = self.shard_paths.get((layer, expert))
