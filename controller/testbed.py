@@ -112,10 +112,21 @@ class Testbed:
         self.with_monitoring = monitoring
         self.moe = moe_config(scenario)
         self.power_config = load_power_config(scenario.power)
+        if self.moe.replace_every_s > 0 and scenario.emulation.partitions:
+            raise ConfigError(
+                f"moe.replace_every_s: {self.moe.replace_every_s} re-places experts "
+                "during the run, which partitioned runs do not support yet (each "
+                "host sees only its own satellites' batteries); set it to 0"
+            )
         self.emulator: Any = None
         self.power: Any = None
         self.share: Any = None
         self.deployment: Any = None
+        self.replacer: Any = None
+        # What moe.json says besides the placement, and its rounds so far.
+        self._moe_doc: dict[str, Any] = {}
+        self._placement_round = -1
+        self._metrics_addrs: dict[str, str] = {}
         self.prometheus: Any = None
         self.exporter: Any = None
         self.metrics: Any = None
@@ -242,10 +253,8 @@ class Testbed:
     def _start_moe(self) -> None:
         from controller.deployment import Deployment, ensure_shards, place_experts
         from controller.inference import Endpoint
-        from controller.latency import EmulatorPaths, propagation_delays_s
-        from controller.placement import PlacementContext
+        from controller.replacement import Replacer
         from moe.shards import load_manifest
-        from monitoring.metrics import AGENT_METRICS_PORT
 
         emulator = self.emulator
         names = emulator.names
@@ -258,39 +267,29 @@ class Testbed:
                 f"{self.scenario.name!r}; use one of its ground stations {stations}"
             )
 
-        delays = propagation_delays_s(EmulatorPaths(emulator), home, satellites)
         shard_dir = ensure_shards(self.moe.checkpoint)
         manifest = load_manifest(shard_dir)
         experts = [(e.layer, e.expert) for e in manifest.shards]
-        soc = self.power.soc_fraction
-        compute_c = self.power.compute_temperature_c
         placed = place_experts(
             self.moe,
             experts,
             satellites,
             names,
-            PlacementContext(home, emulator.t_s, delays),
+            self._placement_context(home),
             scenario=self.scenario,
-            node_state={
-                name: {
-                    "soc_fraction": float(soc[i]),
-                    "compute_temperature_c": float(compute_c[i]),
-                }
-                for i, name in enumerate(satellites)
-            },
+            node_state=self._node_state(),
             throttle_c=self.power_config.throttle_c,
         )
-        policy, options, placement = placed.policy, placed.options, placed.placement
-        context = placed.context
+        placement = placed.placement
 
         nodes_json = {n["name"]: n for n in emulator.state()["nodes"]}
         endpoints = {
             name: Endpoint(name, str(nodes_json[name]["address"]).split("/")[0])
             for name in names
         }
-        metrics_addrs = {}
+        self._metrics_addrs = {}
         if self.with_monitoring:
-            metrics_addrs = {
+            self._metrics_addrs = {
                 name: str(nodes_json[name]["management"]).split("/")[0]
                 for name in names
                 if nodes_json[name].get("management")
@@ -299,7 +298,7 @@ class Testbed:
             endpoints,
             shard_dir,
             namespaces=True,
-            metrics_addrs=metrics_addrs,
+            metrics_addrs=self._metrics_addrs,
             power_share=self.share.path,
             power_rows={name: i for i, name in enumerate(names)},
         )
@@ -310,46 +309,94 @@ class Testbed:
             & {n for i, n in enumerate(names) if emulator.local[i]}
         )
         self.deployment.start(placement, nodes=placed_here)
-        if self.prometheus is not None:
-            used = sorted({n for holders in placement.values() for n in holders})
-            self._agent_targets = [
-                (f"{metrics_addrs[n]}:{AGENT_METRICS_PORT}", {"satellite": n})
-                for n in used
-                if n in metrics_addrs
-            ]
-            self.prometheus.update_targets("satellite", self._agent_targets)
-        if self.inference_metrics is not None:
-            self.inference_metrics.set_placement(placement, 0)
-
-        doc = {
+        self._moe_doc = {
             "home": home,
-            "policy": {"name": policy.name, **options},
-            "placement": [
-                {"layer": layer, "expert": expert, "nodes": holders}
-                for (layer, expert), holders in sorted(placement.items())
-            ],
             "endpoints": {n: dataclasses.asdict(e) for n, e in endpoints.items()},
             "shard_dir": str(shard_dir),
             "config": dataclasses.asdict(self.moe),
-            "path_delay_s": {
-                n: delays.get(n)
-                for n in sorted(set(h for hs in placement.values() for h in hs))
-            },
-            # aware: the forecast each placed node was chosen by (null: out
-            # of reach at that time).
-            "delay_ahead_s": {
-                n: [d if np.isfinite(d) else None for d in ahead]
-                for n, ahead in sorted(context.delay_ahead_s.items())
-                if any(n in hs for hs in placement.values())
-            },
         }
-        _write_json(run_dir() / "moe.json", doc)
+        self._publish_placement(placed, emulator.t_s, moved=0)
+        if self.moe.replace_every_s > 0:
+            self.replacer = Replacer(
+                self.moe,
+                self.scenario,
+                experts,
+                satellites,
+                names,
+                endpoints,
+                self.deployment,
+                placement,
+                on_change=lambda placed, moves, t_s: self._publish_placement(
+                    placed, t_s, moved=len(moves["added"])
+                ),
+                throttle_c=self.power_config.throttle_c,
+                start_t_s=emulator.t_s,
+            )
         log.info(
             "experts placed by %s over %d nodes, home %s",
-            policy.name,
+            placed.policy.name,
             len({n for hs in placement.values() for n in hs}),
             home,
         )
+
+    def _placement_context(self, home: str) -> Any:
+        """Delays from `home` to every satellite along today's routes."""
+        from controller.latency import EmulatorPaths, propagation_delays_s
+        from controller.placement import PlacementContext
+
+        emulator = self.emulator
+        satellites = emulator.names[: emulator.n_sats]
+        delays = propagation_delays_s(EmulatorPaths(emulator), home, satellites)
+        return PlacementContext(home, emulator.t_s, delays)
+
+    def _node_state(self) -> dict[str, dict[str, float]]:
+        """Each satellite's charge and compute temperature, for placement."""
+        soc = self.power.soc_fraction
+        compute_c = self.power.compute_temperature_c
+        return {
+            name: {
+                "soc_fraction": float(soc[i]),
+                "compute_temperature_c": float(compute_c[i]),
+            }
+            for i, name in enumerate(self.emulator.names[: self.emulator.n_sats])
+        }
+
+    def _publish_placement(self, placed: Any, t_s: float, moved: int) -> None:
+        """Tell `infer`, `status`, Prometheus and the metrics where experts are."""
+        from monitoring.metrics import AGENT_METRICS_PORT
+
+        placement = placed.placement
+        holders = sorted({n for hs in placement.values() for n in hs})
+        context = placed.context
+        self._placement_round += 1
+        doc = {
+            **self._moe_doc,
+            "policy": {"name": placed.policy.name, **placed.options},
+            "round": self._placement_round,
+            "placed_at_t_s": t_s,
+            "placement": [
+                {"layer": layer, "expert": expert, "nodes": nodes}
+                for (layer, expert), nodes in sorted(placement.items())
+            ],
+            "path_delay_s": {n: context.path_delay_s.get(n) for n in holders},
+            # aware: the forecast each holder was chosen by (null: out of
+            # reach at that time).
+            "delay_ahead_s": {
+                n: [d if np.isfinite(d) else None for d in context.delay_ahead_s[n]]
+                for n in holders
+                if n in context.delay_ahead_s
+            },
+        }
+        _write_json(run_dir() / "moe.json", doc)
+        if self.prometheus is not None:
+            self._agent_targets = [
+                (f"{self._metrics_addrs[n]}:{AGENT_METRICS_PORT}", {"satellite": n})
+                for n in self.deployment.nodes
+                if n in self._metrics_addrs
+            ]
+            self.prometheus.update_targets("satellite", self._agent_targets)
+        if self.inference_metrics is not None:
+            self.inference_metrics.set_placement(placement, moved)
 
     def _wait_for_first_scrapes(self, timeout_s: float = 20.0) -> None:
         """Return once Prometheus has scraped every target we gave it.
@@ -406,6 +453,13 @@ class Testbed:
             )
             self.share.set_throttle(step.throttle_factor)
             self._last_power_t_s = t_s
+
+        if self.replacer is not None and self.replacer.due(t_s):
+            self.replacer.start_round(
+                t_s,
+                self._placement_context(self._moe_doc["home"]),
+                self._node_state(),
+            )
 
         if self.metrics is None:
             return
@@ -594,6 +648,7 @@ class Testbed:
         """Stop everything this testbed started (safe after partial bring-up)."""
         errors: list[str] = []
         for name, stop in (
+            ("re-placement", lambda: self.replacer and self.replacer.stop()),
             ("agents and brokers", lambda: self.deployment and self.deployment.stop()),
             ("Prometheus", lambda: self.prometheus and self.prometheus.stop()),
             ("exporter", lambda: self.exporter and self.exporter.stop()),
@@ -605,6 +660,7 @@ class Testbed:
                 errors.append(f"{name}: {exc}")
                 log.error("stopping %s: %s", name, exc)
         self.deployment = self.prometheus = self.exporter = self.emulator = None
+        self.replacer = None
         for leftover in ("moe.json", "ready.json", "power.share"):
             (run_dir() / leftover).unlink(missing_ok=True)
         if errors:
@@ -768,6 +824,13 @@ def format_status(state: dict[str, Any]) -> str:
             f"experts    home {moe['home']}, {moe['policy']['name']} over "
             f"{len(holders)} nodes: {', '.join(holders)}"
         )
+        every_s = moe.get("config", {}).get("replace_every_s") or 0
+        if every_s > 0:
+            lines.append(
+                f"placement  round {moe.get('round', 0)}, made at "
+                f"t={moe.get('placed_at_t_s', 0):.0f} s; placed again every "
+                f"{every_s:g} s"
+            )
     return "\n".join(lines)
 
 

@@ -251,8 +251,7 @@ def test_up_with_aware_placement_serves_from_its_forecast(
     assert doc["policy"]["name"] == "aware"
     home = config["home"]
     ahead = forecast_delays_s(
-        load_scenario(scenario), home, 0.0, config["horizon_s"],
-        config["horizon_samples"],
+        load_scenario(scenario), home, 0.0, 1200.0, config["horizon_samples"],
     )  # fmt: skip
     now = {n: d[0] for n, d in ahead.items() if n != home and math.isfinite(d[0])}
     context = PlacementContext(home, 0.0, now, delay_ahead_s=ahead)
