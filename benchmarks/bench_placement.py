@@ -11,22 +11,23 @@ forecast  (no root) the scenario's geometry alone: at each time, the mean
           K satellites, uniform routing assumed), there and back.
 measured  (root) the scenario brought up in this process; at each time the
           emulator steps there, agents hold the experts where the policy put
-          them at time 0, and --tokens tokens are generated through the
-          emulated links. Prints the per-token p50, its lower bound from the
-          geometry at that moment, and whether the tokens matched the
-          single-process model.
+          them at time 0 (for a policy named POLICY+replace: where it put
+          them one step earlier, as `moe.replace_every_s` would, measured
+          just before they move again), and --tokens tokens are generated
+          through the emulated links. Prints
+          the per-token p50, its lower bound from the geometry at that
+          moment, and whether the tokens matched the single-process model.
 
 Do not run while another scenario is up (namespace names are shared).
 
     .venv/bin/python benchmarks/bench_placement.py [--scenario FILE]
-        [--minutes 0 10 20 30] [--policies round-robin aware]
+        [--minutes 0 10 20 30] [--policies round-robin aware aware+replace]
         [--horizon-s 1200] [--tokens 12] [--only forecast|measured]
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import logging
@@ -43,7 +44,15 @@ PROMPT = "def parse_args(argv):\n    "
 def policy_config(name: str, args: argparse.Namespace) -> Any:
     from controller.inference import MoeConfig
 
-    return MoeConfig(home=args.home, placement=name, k=args.k, horizon_s=args.horizon_s)
+    replace = name.endswith("+replace")
+    # Placing again at every time of --minutes: look ahead to the next one.
+    every_s = 60.0 * (args.minutes[1] - args.minutes[0]) if len(args.minutes) > 1 else 0
+    return MoeConfig(
+        home=args.home,
+        placement=name.removesuffix("+replace"),
+        k=args.k,
+        horizon_s=every_s if replace else args.horizon_s,
+    )
 
 
 def held_nodes(placement: dict) -> list[str]:
@@ -67,11 +76,6 @@ def bench_forecast(args: argparse.Namespace) -> dict[str, Any]:
     experts = [(layer, e) for layer in range(args.layers) for e in range(8)]
     home = args.home
     ahead = forecast_delays_s(scenario, home, 0.0, max(times_s), len(times_s))
-    if len(times_s) > 1 and not all(
-        math.isclose(b - a, times_s[1] - times_s[0])
-        for a, b in itertools.pairwise(times_s)
-    ):
-        raise SystemExit("--minutes must be evenly spaced from 0")
     names = list(ahead)
     satellites = names[: Constellation.from_scenario(scenario).n_sats]
     now = {n: d[0] for n, d in ahead.items() if n in satellites and math.isfinite(d[0])}
@@ -83,7 +87,7 @@ def bench_forecast(args: argparse.Namespace) -> dict[str, Any]:
     )
     header = "".join(f"{m:>9.0f}" for m in args.minutes)
     print(f"{'policy':<14}{'minutes':<22}{header}")
-    for name in args.policies:
+    for name in [p for p in args.policies if not p.endswith("+replace")]:
         placed = place_experts(
             policy_config(name, args),
             experts,
@@ -112,11 +116,29 @@ def bench_forecast(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def bench_measured(args: argparse.Namespace) -> dict[str, Any]:
+def place_at(emulator: Any, config: Any, experts: list, home: str) -> Any:
+    """Place as `config` asks, from the emulator's routes at this moment."""
     from containers.power_config import load_power_config
-    from controller.deployment import ensure_shards, place_experts, run_inference
+    from controller.deployment import place_experts
     from controller.latency import EmulatorPaths, propagation_delays_s
     from controller.placement import PlacementContext
+
+    names = emulator.names
+    satellites = names[: emulator.n_sats]
+    delays = propagation_delays_s(EmulatorPaths(emulator), home, satellites)
+    return place_experts(
+        config,
+        experts,
+        satellites,
+        names,
+        PlacementContext(home, emulator.t_s, delays),
+        scenario=emulator.scenario,
+        throttle_c=load_power_config(emulator.scenario.power).throttle_c,
+    )
+
+
+def bench_measured(args: argparse.Namespace) -> dict[str, Any]:
+    from controller.deployment import ensure_shards, run_inference
     from moe.shards import load_manifest
     from topology.emulator import Emulator
     from topology.scenario import load_scenario
@@ -133,33 +155,26 @@ def bench_measured(args: argparse.Namespace) -> dict[str, Any]:
         emulator.up()
         rows = []
         try:
-            names = emulator.names
-            satellites = names[: emulator.n_sats]
-            delays = propagation_delays_s(
-                EmulatorPaths(emulator), args.home, satellites
-            )
+            replace = name.endswith("+replace")
             config = policy_config(name, args)
-            placed = place_experts(
-                config,
-                experts,
-                satellites,
-                names,
-                PlacementContext(args.home, 0.0, delays),
-                scenario=scenario,
-                throttle_c=load_power_config(scenario.power).throttle_c,
-            )
+
+            placed = place_at(emulator, config, experts, args.home)
             print(f"\nmeasured: {name} on {', '.join(held_nodes(placed.placement))}")
             for minutes in args.minutes:
                 if minutes > 0:
                     emulator.step(60.0 * minutes)
+                # Placing again every step: measure the placement made one
+                # step ago, just before it is replaced (its worst moment).
                 report = run_inference(
                     PROMPT,
                     args.tokens,
-                    dataclasses.replace(config, placement="round-robin"),
+                    config,
                     emulator=emulator,
                     shard_dir=shard_dir,
                     placement=placed.placement,
                 )
+                if replace:
+                    placed = place_at(emulator, config, experts, args.home)
                 summary = report["summary"]
                 row = {
                     "minutes": minutes,
@@ -189,7 +204,11 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=4, help="for the bound")
     parser.add_argument("--horizon-s", type=float, default=1200.0)
     parser.add_argument("--minutes", type=float, nargs="+", default=[0, 10, 20, 30])
-    parser.add_argument("--policies", nargs="+", default=["round-robin", "aware"])
+    parser.add_argument(
+        "--policies",
+        nargs="+",
+        default=["round-robin", "aware", "round-robin+replace", "aware+replace"],
+    )
     parser.add_argument("--tokens", type=int, default=12)
     parser.add_argument("--only", choices=["forecast", "measured"], default=None)
     parser.add_argument("--json", type=Path, default=None)
@@ -197,6 +216,9 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     if args.minutes[0] != 0:
         parser.error("--minutes must start at 0 (when the placement is decided)")
+    steps = [b - a for a, b in itertools.pairwise(args.minutes)]
+    if any(not math.isclose(step, steps[0]) or step <= 0 for step in steps):
+        parser.error(f"--minutes {args.minutes}: give evenly spaced times: 0 10 20")
 
     os.environ.setdefault(
         "SPACEMOE_RUN_DIR", tempfile.mkdtemp(prefix="smoe-bench-placement-")
