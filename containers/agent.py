@@ -6,6 +6,9 @@ client, MQTT v5) and subscribes to
     smoe/<node>/expert/+/+/req   expert requests (binary, containers.wire)
     smoe/<node>/ctl              control commands (JSON: load, handover,
                                  unload, ping, stats)
+    smoe/<node>/shard/+/+        a shard's bytes, when an expert migrates
+                                 here with its weights (checked against
+                                 the manifest's SHA-256, then served)
 
 Each request carries a ResponseTopic and CorrelationData (MQTT 5 request /
 response); the agent publishes its reply there with the same correlation
@@ -49,7 +52,7 @@ from torch import Tensor
 
 from containers import wire
 from moe.model import expert_forward
-from moe.shards import Manifest, load_manifest, load_shard
+from moe.shards import Manifest, load_manifest, load_shard, load_shard_bytes
 from topology.errors import ShardError, SpaceMoeError
 
 log = logging.getLogger(__name__)
@@ -144,6 +147,7 @@ class Agent:
         client.on_subscribe = self._on_subscribe
         client.message_callback_add(wire.request_filter(self.node), self._on_request)
         client.message_callback_add(wire.control_topic(self.node), self._on_control)
+        client.message_callback_add(wire.shard_filter(self.node), self._on_shard)
         return client
 
     def _on_connect(
@@ -161,7 +165,11 @@ class Agent:
             return
         set_nodelay(client)
         client.subscribe(
-            [(wire.request_filter(self.node), 0), (wire.control_topic(self.node), 1)]
+            [
+                (wire.request_filter(self.node), 0),
+                (wire.control_topic(self.node), 1),
+                (wire.shard_filter(self.node), 1),
+            ]
         )
         client.publish(wire.status_topic(self.node), b"online", qos=1, retain=True)
         log.info("agent %s connected to %s:%s", self.node, self.host, self.port)
@@ -396,16 +404,64 @@ class Agent:
     def _on_control(
         self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage
     ) -> None:
-        reply = self.handle_control(msg.payload)
+        self._answer(client, msg, self.handle_control(msg.payload))
+
+    def _on_shard(
+        self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage
+    ) -> None:
+        self._answer(client, msg, self.handle_shard(msg.topic, bytes(msg.payload)))
+
+    def _answer(self, client: mqtt.Client, msg: mqtt.MQTTMessage, reply: bytes) -> None:
+        """Publish `reply` to the ResponseTopic of `msg`, with its correlation."""
         response_topic = getattr(msg.properties, "ResponseTopic", None)
         if not response_topic:
-            log.info("agent %s: control command without ResponseTopic", self.node)
+            log.info("agent %s: %s without ResponseTopic", self.node, msg.topic)
             return
         props = Properties(PacketTypes.PUBLISH)
         correlation = getattr(msg.properties, "CorrelationData", None)
         if correlation is not None:
             props.CorrelationData = correlation
         client.publish(response_topic, reply, qos=1, properties=props)
+
+    def handle_shard(self, topic: str, data: bytes) -> bytes:
+        """Take a shard sent as bytes (a migration); the JSON reply.
+
+        The bytes must hash to the manifest's SHA-256 for that expert; the
+        expert is then run once, as for a handover.
+        """
+        with self._lock:
+            self._counters["control_total"] += 1
+        try:
+            node, layer, expert = wire.parse_shard_topic(topic)
+            if node != self.node:
+                raise wire.WireError(f"shard for {node!r} reached agent {self.node}")
+            entry = self._manifest_entry(layer, expert)
+            weights = load_shard_bytes(entry, data)
+        except (ShardError, wire.WireError, OSError) as exc:
+            log.warning("agent %s: shard refused: %s", self.node, exc)
+            return wire.encode_control_reply(
+                "receive", False, error={"code": "BAD_SHARD", "text": str(exc)}
+            )
+        key = (layer, expert)
+        self.shards[key] = {k: v.float() for k, v in weights.items()}
+        self.shard_sha256[key] = entry.sha256
+        self._report_shards()
+        log.info(
+            "agent %s received layer %s expert %s (%d bytes)",
+            self.node,
+            layer,
+            expert,
+            len(data),
+        )
+        return wire.encode_control_reply(
+            "receive",
+            True,
+            layer=layer,
+            expert=expert,
+            sha256=entry.sha256,
+            bytes=len(data),
+            warmup_s=self._warm_up(key),
+        )
 
     def handle_control(self, payload: bytes | bytearray) -> bytes:
         """The JSON reply to one control command payload."""
@@ -445,14 +501,17 @@ class Agent:
         sha256 = self.load(command.layer, command.expert, command.path)
         fields: dict[str, Any] = {"layer": key[0], "expert": key[1], "sha256": sha256}
         if command.op == "handover":
-            # Run the expert once so the first routed request is not the one
-            # that pays for cold caches, and so a broken shard shows up here.
-            weights = self.shards[key]
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                expert_forward(weights, torch.zeros(1, weights["w1"].shape[1]))
-            fields["warmup_s"] = time.perf_counter() - t0
+            fields["warmup_s"] = self._warm_up(key)
         return fields
+
+    def _warm_up(self, key: tuple[int, int]) -> float:
+        """Run the expert once, so the first routed request is not the one
+        that pays for cold caches, and so a broken shard shows up here."""
+        weights = self.shards[key]
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            expert_forward(weights, torch.zeros(1, weights["w1"].shape[1]))
+        return time.perf_counter() - t0
 
     def load(self, layer: int, expert: int, path: str) -> str:
         """Load and hash-check a shard; returns its sha256."""

@@ -519,6 +519,33 @@ def parse_request_topic(topic: str) -> tuple[str, int, int]:
     return parts[1], int(parts[3]), int(parts[4])
 
 
+def shard_topic(node: str, layer: int, expert: int) -> str:
+    """Where a shard's bytes are sent to `node` when an expert migrates."""
+    return f"{TOPIC_ROOT}/{node}/shard/{layer}/{expert}"
+
+
+def shard_filter(node: str) -> str:
+    """The subscription that catches every shard sent to `node`."""
+    return f"{TOPIC_ROOT}/{node}/shard/+/+"
+
+
+def parse_shard_topic(topic: str) -> tuple[str, int, int]:
+    """(node, layer, expert) from a shard topic; WireError if it is not one."""
+    parts = topic.split("/")
+    if (
+        len(parts) != 5
+        or parts[0] != TOPIC_ROOT
+        or parts[2] != "shard"
+        or not parts[3].isdigit()
+        or not parts[4].isdigit()
+    ):
+        raise WireError(
+            f"topic {topic!r} is not a shard topic "
+            f"({TOPIC_ROOT}/NODE/shard/LAYER/EXPERT)"
+        )
+    return parts[1], int(parts[3]), int(parts[4])
+
+
 def control_topic(node: str) -> str:
     """Where control commands for the agent of `node` are published."""
     return f"{TOPIC_ROOT}/{node}/ctl"

@@ -41,6 +41,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
@@ -600,6 +601,29 @@ class MqttExecutor:
         Raises InferenceTimeout if it does not answer, InferenceError if it
         answers with an error.
         """
+        payload = wire.encode_control(command)
+        return self._ask(node, wire.control_topic(node), payload, command.op, timeout_s)
+
+    def send_shard(
+        self, node: str, layer: int, expert: int, data: bytes, timeout_s: float = 60.0
+    ) -> dict[str, Any]:
+        """Send a shard's bytes to `node`'s agent, which checks and serves it.
+
+        This is how an expert migrates with its weights: the bytes cross
+        the emulated links from home to the new holder.
+        """
+        if len(data) > wire.MAX_PAYLOAD_BYTES:
+            raise InferenceError(
+                f"shard of layer {layer} expert {expert} is {len(data)} bytes, over "
+                f"the {wire.MAX_PAYLOAD_BYTES}-byte MQTT message limit; sending "
+                "larger shards needs chunking, which is not built"
+            )
+        topic = wire.shard_topic(node, layer, expert)
+        return self._ask(node, topic, data, "receive", timeout_s)
+
+    def _ask(
+        self, node: str, topic: str, payload: bytes, what: str, timeout_s: float
+    ) -> dict[str, Any]:
         if node not in self._links:
             self.connect([node])
         link = self._links[node]
@@ -607,18 +631,15 @@ class MqttExecutor:
         done = threading.Event()
         box: list[bytes] = []
         link.control_waiters[correlation] = (done, box)
-        link.publish(
-            wire.control_topic(node), wire.encode_control(command), correlation, qos=1
-        )
+        link.publish(topic, payload, correlation, qos=1)
         if not done.wait(timeout_s):
             link.control_waiters.pop(correlation, None)
             raise InferenceTimeout(
-                f"{node} did not answer control command {command.op!r} within "
-                f"{timeout_s} s"
+                f"{node} did not answer {what!r} within {timeout_s} s"
             )
         reply = wire.decode_control_reply(box[0])
         if not reply["ok"]:
-            raise InferenceError(f"{node} refused {command.op!r}: {reply.get('error')}")
+            raise InferenceError(f"{node} refused {what!r}: {reply.get('error')}")
         return reply
 
     def apply_placement(
@@ -626,21 +647,29 @@ class MqttExecutor:
         new: Mapping[ExpertKey, Sequence[str]],
         timeout_s: float = 10.0,
         unload: bool = True,
+        shard_dir: Path | None = None,
     ) -> dict[str, Any]:
         """Move to placement `new` without a moment where an expert is unserved.
 
-        New holders load and warm the shard (handover); only then does
-        routing switch; then old holders unload, unless `unload` is False
-        (the caller unloads the returned ``dropped`` later, with
-        :meth:`unload`, for other clients still using the old placement).
-        Returns what moved.
+        New holders load and warm the shard (handover), from their own
+        disk, or, given `shard_dir`, from its bytes sent from here across
+        the links (:meth:`send_shard`); only then does routing switch; then
+        old holders unload, unless `unload` is False (the caller unloads
+        the returned ``dropped`` later, with :meth:`unload`, for other
+        clients still using the old placement). Returns what moved and the
+        shard bytes sent.
         """
         adds, drops = placement_moves(self.placement, new)
+        sent_bytes = 0
         for (layer, expert), node in adds:
             path = self._shard_path(layer, expert)
-            self.control(
-                node, wire.ControlCommand("handover", layer, expert, path), timeout_s
-            )
+            if shard_dir is None:
+                command = wire.ControlCommand("handover", layer, expert, path)
+                self.control(node, command, timeout_s)
+            else:
+                data = (shard_dir / path).read_bytes()
+                self.send_shard(node, layer, expert, data, timeout_s)
+                sent_bytes += len(data)
             log.info("layer %s expert %s handed over to %s", layer, expert, node)
         self.placement = {k: list(v) for k, v in new.items()}
         if unload:
@@ -648,6 +677,7 @@ class MqttExecutor:
         return {
             "added": [[layer, expert, node] for (layer, expert), node in adds],
             "dropped": [[layer, expert, node] for (layer, expert), node in drops],
+            "sent_bytes": sent_bytes,
         }
 
     def unload(

@@ -6,8 +6,9 @@ policy, from the delays, battery and heat of that moment, and moves the
 experts there without a gap:
 
 1. agents (and their brokers) start on new holders, holding nothing;
-2. each new holder loads and warms its shards by handover over MQTT,
-   sent from home's namespace across the emulated links;
+2. each new holder receives its shards' bytes over MQTT from home,
+   across the emulated links (so migration costs link time and radio
+   energy), checks them against the manifest's hash and warms them;
 3. the new placement is published (``moe.json``, metrics), so the next
    ``spacemoe infer`` uses it;
 4. shards the round before this one dropped, and that are not wanted
@@ -78,6 +79,7 @@ class Replacer:
         self.next_t_s = start_t_s + config.replace_every_s
         self.rounds = 0
         self.moved_total = 0
+        self.sent_bytes_total = 0
         self.last_error: str | None = None
         self._pending_drops: list[tuple[ExpertKey, str]] = []
         self._thread: threading.Thread | None = None
@@ -167,7 +169,10 @@ class Replacer:
             client_prefix="smoe-replace",
         )
         try:
-            moves = executor.apply_placement(new, unload=False)
+            # The weights travel from home across the links, as they would.
+            moves = executor.apply_placement(
+                new, timeout_s=60.0, unload=False, shard_dir=self.deployment.shard_dir
+            )
             # What the previous round dropped and this one does not want back.
             stale = [
                 (key, node)
@@ -187,10 +192,13 @@ class Replacer:
         idle = [n for n in self.deployment.nodes if n not in keep and n != home]
         self.deployment.remove_nodes(idle)
         self.moved_total += len(moves["added"])
+        self.sent_bytes_total += moves["sent_bytes"]
         log.info(
-            "re-placement at t=%.0f s: %d shards moved onto %d satellites in %.1f s",
+            "re-placement at t=%.0f s: %d shards (%.1f MB) moved onto %d satellites "
+            "in %.1f s",
             t_s,
             len(moves["added"]),
+            moves["sent_bytes"] / 1e6,
             len(holders),
             time.perf_counter() - started,
         )

@@ -233,6 +233,24 @@ def _read_verified(path: Path, expected_sha256: str) -> dict[str, Tensor]:
     return load_safetensors_bytes(data)
 
 
+def load_shard_bytes(entry: ShardEntry, data: bytes) -> dict[str, Tensor]:
+    """A shard received as bytes (a migration), refused unless it hashes right."""
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != entry.sha256.lower():
+        raise ShardError(
+            f"received {len(data)} bytes for layer {entry.layer} expert "
+            f"{entry.expert} with sha256 {actual}, expected {entry.sha256}; "
+            "send the file the manifest names"
+        )
+    weights = load_safetensors_bytes(data)
+    if set(weights) != set(EXPERT_PARAM_NAMES):
+        raise ShardError(
+            f"received shard holds {sorted(weights)}; an expert shard holds "
+            f"exactly {list(EXPERT_PARAM_NAMES)}"
+        )
+    return weights
+
+
 def load_shard(
     entry_or_path: ShardEntry | str | Path, expected_sha256: str | None = None
 ) -> dict[str, Tensor]:

@@ -341,3 +341,27 @@ def test_throttle_stretches_expert_work_and_zero_refuses(
     assert isinstance(refused, wire.ExpertError)
     assert refused.code == wire.ErrorCode.THROTTLED
     assert "another replica" in refused.text
+
+
+def test_a_shard_sent_as_bytes_is_checked_then_served(served) -> None:  # type: ignore[no-untyped-def]
+    agent, requester, model = served
+    shard_dir = agent.shard_dir
+    data = (shard_dir / shard_file_name(0, 3)).read_bytes()
+
+    reply = json.loads(requester.ask(wire.shard_topic(NODE, 0, 3), data))
+    assert reply["ok"] and reply["op"] == "receive" and reply["bytes"] == len(data)
+    assert reply["warmup_s"] > 0 and (0, 3) in agent.shards
+    # What it serves is the expert itself.
+    rows = torch.randn(3, model.cfg.d_model)
+    request = wire.encode_request(7, 0, 3, rows)
+    answer = wire.decode_reply(requester.ask(wire.request_topic(NODE, 0, 3), request))
+    assert isinstance(answer, wire.ExpertReply)
+    assert torch.equal(answer.tensor, expert_forward(model.expert_weights(0, 3), rows))
+
+    # Another expert's bytes, or damaged ones, are refused by hash.
+    for payload in (data, data[:-1] + bytes([data[-1] ^ 0xFF])):
+        bad = json.loads(requester.ask(wire.shard_topic(NODE, 1, 0), payload))
+        assert not bad["ok"] and bad["error"]["code"] == "BAD_SHARD"
+        assert "sha256" in bad["error"]["text"]
+    assert (1, 0) not in agent.shards
+    assert (1, 2) in agent.shards and (0, 3) in agent.shards

@@ -192,3 +192,12 @@ def test_request_topics_parse_and_reject_others() -> None:
     ]:
         with pytest.raises(WireError, match="not an expert request topic"):
             wire.parse_request_topic(other)
+
+
+def test_shard_topics_parse_and_reject_others() -> None:
+    topic = wire.shard_topic("s12", 3, 7)
+    assert wire.parse_shard_topic(topic) == ("s12", 3, 7)
+    assert topic.startswith(wire.shard_filter("s12").removesuffix("+/+"))
+    for other in ["smoe/s12/ctl", "smoe/s12/shard/3", "smoe/s12/shard/x/7"]:
+        with pytest.raises(WireError, match="not a shard topic"):
+            wire.parse_shard_topic(other)

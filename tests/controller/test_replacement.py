@@ -2,10 +2,11 @@
 
 One testbed on the default scenario at 60 times real time, with the aware
 policy placing again every 300 s of scenario time (5 s of wall time). The
-checks: rounds happen and move experts to other satellites, agents run on
-exactly the satellites that hold or are about to drop shards, generation
-after the moves still matches the single-process model and asks only the
-new holders, and everything comes down.
+checks: rounds happen and move experts to other satellites, their
+weights sent across the links; agents run on exactly the satellites that
+hold or are about to drop shards; generation after the moves still
+matches the single-process model and uses the new holders; everything
+comes down.
 """
 
 from __future__ import annotations
@@ -112,6 +113,14 @@ def test_experts_move_with_the_orbit_and_still_answer_exactly(
     assert holders(now) != holders(first)
     # Moves keep most experts in place: never all of them in one round.
     assert testbed.replacer.moved_total < 32 * now["round"]
+    # Every moved expert's weights crossed the links from home.
+    shard_bytes = {
+        p.stat().st_size for p in Path(now["shard_dir"]).glob("layer*-expert*")
+    }
+    assert len(shard_bytes) == 1  # the shipped model's experts are all alike
+    assert testbed.replacer.sent_bytes_total == (
+        testbed.replacer.moved_total * shard_bytes.pop()
+    )
 
     # Agents run where shards are held or about to be dropped, nowhere else.
     running = set(testbed.deployment.nodes)
