@@ -419,9 +419,10 @@ def _generate(
     rows: list[dict[str, Any]] = []
     tokens: list[int] = []
     logits_seen: list[torch.Tensor] = []
+    load: dict[str, int] = {}
     t0 = time.perf_counter()
     logits = session.prefill(prompt_ids)[-1]
-    rows.append(_row("prefill", t0, executor, paths, home))
+    rows.append(_row("prefill", t0, executor, paths, home, load))
     for i in range(n_tokens):
         token = int(logits.argmax())
         tokens.append(token)
@@ -434,7 +435,7 @@ def _generate(
             on_step(i, executor)
         t0 = time.perf_counter()
         logits = session.step(token)
-        rows.append(_row(f"step {i + 1}", t0, executor, paths, home))
+        rows.append(_row(f"step {i + 1}", t0, executor, paths, home, load))
 
     report: dict[str, Any] = {
         "prompt": prompt,
@@ -446,20 +447,32 @@ def _generate(
         "wire_dtype": executor.wire_dtype,
         "rows": rows,
         "summary": summarize(rows),
+        # Token rows each expert served, "LAYER/EXPERT": rows: the routing's
+        # load, which placement can use (PlacementContext.expert_load).
+        "expert_rows": dict(sorted(load.items())),
         "_logits": logits_seen,
     }
     return report
 
 
 def _row(
-    label: str, t0: float, executor: MqttExecutor, paths: PathModel, home: str
+    label: str,
+    t0: float,
+    executor: MqttExecutor,
+    paths: PathModel,
+    home: str,
+    load: dict[str, int],
 ) -> dict[str, Any]:
     total_s = time.perf_counter() - t0
     refresh = getattr(paths, "refresh", None)
     if refresh is not None:
         refresh()
-    row = {"step": label, **token_row(total_s, executor.take_records(), paths, home)}
-    return row
+    records = executor.take_records()
+    for layer in records:
+        for request in layer.requests:
+            key = f"{request.layer}/{request.expert}"
+            load[key] = load.get(key, 0) + request.rows
+    return {"step": label, **token_row(total_s, records, paths, home)}
 
 
 def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -132,6 +132,8 @@ class Testbed:
         self.metrics: Any = None
         self.inference_metrics: Any = None
         self._reports_seen: set[str] = set()
+        # Token rows each (layer, expert) served in this run's generations.
+        self.expert_load: dict[tuple[int, int], float] = {}
         self._exported_j: dict[str, np.ndarray] = {}
         self._busy_seen_s: np.ndarray | None = None
         self._sent_seen: np.ndarray | None = None
@@ -204,6 +206,10 @@ class Testbed:
             self.power = PowerModel(self.power_config, n_sats, names[:n_sats])
             self.share = PowerShare(run_dir() / "power.share", len(names), create=True)
             self._busy_seen_s = np.zeros(len(names))
+            # Reports of earlier runs in the same directory are not this run's.
+            self._reports_seen = {
+                p.name for p in (run_dir() / "results").glob("infer-*.json")
+            }
             if self.with_monitoring:
                 say("starting Prometheus and exporters")
                 self._start_monitoring()
@@ -236,12 +242,8 @@ class Testbed:
             ],
         )
         # `spacemoe infer` runs are short-lived processes; their reports are
-        # fed to these long-lived series (see _ingest_reports). Reports of
-        # earlier runs in the same directory are not this run's.
+        # fed to these long-lived series (see _ingest_reports).
         self.inference_metrics = InferenceMetrics(registry)
-        self._reports_seen = {
-            p.name for p in (run_dir() / "results").glob("infer-*.json")
-        }
         self.exporter = serve(registry, "127.0.0.1", EMULATOR_METRICS_PORT)
         self.prometheus = PrometheusServer(
             run_dir(),
@@ -455,15 +457,16 @@ class Testbed:
             self._last_power_t_s = t_s
 
         if self.replacer is not None and self.replacer.due(t_s):
+            context = self._placement_context(self._moe_doc["home"])
             self.replacer.start_round(
                 t_s,
-                self._placement_context(self._moe_doc["home"]),
+                dataclasses.replace(context, expert_load=dict(self.expert_load)),
                 self._node_state(),
             )
 
+        self._ingest_reports()
         if self.metrics is None:
             return
-        self._ingest_reports()
         names = emulator.names
         kinds = ["satellite"] * n_sats + ["ground"] * (len(names) - n_sats)
         # Partitioned, each host publishes only its own nodes (the power
@@ -530,7 +533,11 @@ class Testbed:
         return joules
 
     def _ingest_reports(self) -> None:
-        """Count the generations `spacemoe infer` finished since last step."""
+        """Count the generations `spacemoe infer` finished since last step.
+
+        Their tokens go to the inference metrics, and the rows each expert
+        served to `expert_load`, which re-placement rounds order by.
+        """
         from controller.latency import observe_report
 
         for path in sorted((run_dir() / "results").glob("infer-*.json")):
@@ -539,7 +546,13 @@ class Testbed:
             self._reports_seen.add(path.name)
             try:
                 report = json.loads(path.read_text())
-                observe_report(self.inference_metrics, report)
+                if self.inference_metrics is not None:
+                    observe_report(self.inference_metrics, report)
+                for key, rows in report.get("expert_rows", {}).items():
+                    layer, expert = (int(part) for part in key.split("/"))
+                    self.expert_load[(layer, expert)] = self.expert_load.get(
+                        (layer, expert), 0.0
+                    ) + float(rows)
             except (OSError, ValueError, KeyError) as exc:
                 log.warning("cannot count inference report %s: %s", path, exc)
 

@@ -83,6 +83,11 @@ def test_generation_over_mqtt_matches_the_single_process_model(
     assert parts == pytest.approx(row["total_s"], rel=1e-9)
     assert row["expert_compute_s"] > 0 and row["payload_bytes"] > 0
     assert report["summary"]["retries"] == 0
+    # Every token position went to top_k experts in every layer.
+    positions = len(report["prompt_ids"]) + len(report["tokens"]) - 1
+    assert sum(report["expert_rows"].values()) == (
+        positions * model.cfg.n_layers * model.cfg.top_k
+    )
     assert "decode p50" in format_report(report)
     tokens = registry.get_sample_value(
         "spacemoe_inference_tokens_total", {"phase": "generated"}

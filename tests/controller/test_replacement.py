@@ -136,3 +136,13 @@ def test_experts_move_with_the_orbit_and_still_answer_exactly(
     assert report["reference"]["max_abs_logit_diff"] <= 1e-5
     used = {n for nodes in report["placement"].values() for n in nodes}
     assert used == holders(now)
+
+    # The next step counts the generation's expert load for later rounds.
+    deadline = time.monotonic() + 10
+    while sum(testbed.expert_load.values()) == 0:
+        assert time.monotonic() < deadline, "the report was never counted"
+        time.sleep(0.1)
+    assert testbed.expert_load == {
+        tuple(int(x) for x in key.split("/")): float(rows)
+        for key, rows in report["expert_rows"].items()
+    }
