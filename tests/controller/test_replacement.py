@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from tests.controller.testbeds import running_testbed
 from topology.config import from_dict
 from topology.scenario import load_scenario
 
@@ -44,29 +44,14 @@ def private_run_dir(
 
 @pytest.fixture(scope="module")
 def testbed(net_sandbox: None, run_directory: Path) -> Iterator[Any]:
-    from controller.testbed import Testbed
-
-    monkey = pytest.MonkeyPatch()
-    monkey.setenv("SPACEMOE_RUN_DIR", str(run_directory))
     base = load_scenario(None)
     scenario = dataclasses.replace(
         base,
         time=dataclasses.replace(base.time, speed=60.0),
         moe={**(base.moe or {}), "placement": "aware", "replace_every_s": EVERY_S},
     )
-    testbed = Testbed(scenario, monitoring=False)
-    runner = None
-    try:
-        testbed.up()
-        runner = threading.Thread(target=testbed.run, daemon=True)
-        runner.start()
+    with running_testbed(scenario, run_directory, monitoring=False) as testbed:
         yield testbed
-    finally:
-        testbed._stop.set()
-        if runner is not None:
-            runner.join(timeout=30)
-        testbed.down()
-        monkey.undo()
 
 
 def moe_doc(run_directory: Path) -> dict[str, Any]:

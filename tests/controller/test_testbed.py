@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import subprocess
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from tests.controller.testbeds import running_testbed
 from topology.rundir import run_dir
 from topology.scenario import load_scenario
 
@@ -42,28 +42,13 @@ def private_run_dir(
 
 @pytest.fixture(scope="module")
 def testbed(net_sandbox: None, testbed_run_dir: Path) -> Iterator[Any]:
-    from controller.testbed import Testbed
-
-    monkey = pytest.MonkeyPatch()
-    monkey.setenv("SPACEMOE_RUN_DIR", str(testbed_run_dir))
     scenario = load_scenario(None)
     # Ten times real time: several power steps per second of test.
     scenario = dataclasses.replace(
         scenario, time=dataclasses.replace(scenario.time, speed=10.0)
     )
-    testbed = Testbed(scenario)
-    runner = None
-    try:
-        testbed.up()
-        runner = threading.Thread(target=testbed.run, daemon=True)
-        runner.start()
+    with running_testbed(scenario, testbed_run_dir) as testbed:
         yield testbed
-    finally:
-        testbed._stop.set()
-        if runner is not None:
-            runner.join(timeout=30)
-        testbed.down()
-        monkey.undo()
 
 
 def test_inference_through_the_running_testbed(testbed: Any) -> None:
