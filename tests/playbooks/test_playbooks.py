@@ -191,8 +191,8 @@ def test_a_partitioned_up_passes_partition_and_one_start_time(
                         {
                             "name": "Show it",
                             "ansible.builtin.debug": {
-                                "msg": "ARGV {{ spacemoe_constellation_up_argv "
-                                "| to_json }}"
+                                "msg": "ARGV {{ inventory_hostname }} "
+                                "{{ spacemoe_constellation_up_argv | to_json }}"
                             },
                         },
                     ],
@@ -226,15 +226,16 @@ def test_a_partitioned_up_passes_partition_and_one_start_time(
     argv = [str(BIN / "ansible-playbook"), "-i", str(inventory), str(playbook)]
     result = _run(argv, _env(), timeout_s=120)
     assert result.returncode == 0, _explain(result)
-    rendered = [
-        json.loads(line.split("ARGV ", 1)[1].rstrip('"').replace('\\"', '"'))
-        for line in result.stdout.splitlines()
-        if "ARGV " in line
-    ]
-    assert len(rendered) == 2
-    for index, command in enumerate(rendered):
+    # Hosts run in parallel, so their lines come in either order.
+    rendered = {}
+    for line in result.stdout.splitlines():
+        if "ARGV " in line:
+            host, text = line.split("ARGV ", 1)[1].split(" ", 1)
+            rendered[host] = json.loads(text.rstrip('"').replace('\\"', '"'))
+    assert sorted(rendered) == ["h0", "h1"]
+    for host, command in rendered.items():
         assert command[1] == "up" and command[-1] == "--detach"
-        assert command[command.index("--partition") + 1] == str(index)
+        assert command[command.index("--partition") + 1] == host[1:]
         assert command[command.index("--start-at") + 1] == "1700000005"
 
 
