@@ -14,9 +14,9 @@ measured  (root) the scenario brought up in this process; at each time the
           them at time 0 (for a policy named POLICY+replace: where it put
           them one step earlier, as `moe.replace_every_s` would, measured
           just before they move again), and --tokens tokens are generated
-          through the emulated links. Prints
-          the per-token p50, its lower bound from the geometry at that
-          moment, and whether the tokens matched the single-process model.
+          through the emulated links. Prints the per-token p50, its lower
+          bound from the geometry at that moment, and whether the tokens
+          matched the single-process model.
 
 Do not run while another scenario is up (namespace names are shared).
 
@@ -118,7 +118,6 @@ def bench_forecast(args: argparse.Namespace) -> dict[str, Any]:
 
 def place_at(emulator: Any, config: Any, experts: list, home: str) -> Any:
     """Place as `config` asks, from the emulator's routes at this moment."""
-    from containers.power_config import load_power_config
     from controller.deployment import place_experts
     from controller.latency import EmulatorPaths, propagation_delays_s
     from controller.placement import PlacementContext
@@ -133,7 +132,6 @@ def place_at(emulator: Any, config: Any, experts: list, home: str) -> Any:
         names,
         PlacementContext(home, emulator.t_s, delays),
         scenario=emulator.scenario,
-        throttle_c=load_power_config(emulator.scenario.power).throttle_c,
     )
 
 

@@ -443,9 +443,7 @@ class Agent:
                 "receive", False, error={"code": "BAD_SHARD", "text": str(exc)}
             )
         key = (layer, expert)
-        self.shards[key] = {k: v.float() for k, v in weights.items()}
-        self.shard_sha256[key] = entry.sha256
-        self._report_shards()
+        self._install(key, weights, entry.sha256)
         log.info(
             "agent %s received layer %s expert %s (%d bytes)",
             self.node,
@@ -527,14 +525,19 @@ class Agent:
                 f"shard path {path!r} is not the manifest's file for layer {layer} "
                 f"expert {expert} ({entry.file!r})"
             )
-        weights = load_shard(entry)
-        self.shards[(layer, expert)] = {k: v.float() for k, v in weights.items()}
-        self.shard_sha256[(layer, expert)] = entry.sha256
-        self._report_shards()
+        self._install((layer, expert), load_shard(entry), entry.sha256)
         log.info(
             "agent %s loaded layer %s expert %s from %s", self.node, layer, expert, path
         )
         return entry.sha256
+
+    def _install(
+        self, key: tuple[int, int], weights: dict[str, Tensor], sha256: str
+    ) -> None:
+        """Serve `weights` (verified) for expert `key` from now on."""
+        self.shards[key] = {k: v.float() for k, v in weights.items()}
+        self.shard_sha256[key] = sha256
+        self._report_shards()
 
     def _report_shards(self) -> None:
         if self.metrics is not None:

@@ -26,6 +26,7 @@ from typing import Any
 
 from containers.broker import Broker
 from containers.launcher import Launcher
+from containers.power_config import load_power_config
 from controller.inference import Endpoint, MoeConfig, MqttExecutor
 from controller.placement import (
     ExpertKey,
@@ -130,7 +131,7 @@ class Deployment:
     def add_nodes(self, nodes: Sequence[str], timeout_s: float = 30.0) -> None:
         """Start brokers and agents holding nothing yet on `nodes`.
 
-        They take shards by handover (see MqttExecutor.apply_placement).
+        They take shards later (see MqttExecutor.apply_placement).
         """
         if self.launcher is None:
             raise InferenceError("add_nodes before start: start the deployment first")
@@ -258,15 +259,14 @@ def place_experts(
     context: PlacementContext,
     *,
     scenario: Any = None,
-    node_state: Mapping[str, Mapping[str, float]] | None = None,
-    throttle_c: float | None = None,
 ) -> Placed:
     """Place `experts` as the scenario's `moe` section asks.
 
-    `context` holds the delays from home now. The aware policy also needs
-    the `scenario` (its orbits give the delays ahead), each satellite's
-    battery and heat (`node_state`; none: all fit) and the power model's
-    `throttle_c`, the default ceiling for a compute module's temperature.
+    `context` holds the delays from home now and, if known, each
+    satellite's battery and heat (`node_state`; none: all fit). The aware
+    policy also needs the `scenario`: its orbits give the delays ahead,
+    and its power section the throttle temperature, the default ceiling
+    for a compute module.
     """
     options: dict[str, Any] = {}
     if config.placement != "ground":
@@ -291,12 +291,10 @@ def place_experts(
             config.horizon_used_s,
             time.perf_counter() - started,
         )
-        context = dataclasses.replace(
-            context, delay_ahead_s=ahead, node_state=dict(node_state or {})
-        )
+        context = dataclasses.replace(context, delay_ahead_s=ahead)
         limit_c = config.max_compute_temperature_c
         if limit_c is None:
-            limit_c = throttle_c if throttle_c is not None else float("inf")
+            limit_c = load_power_config(scenario.power).throttle_c
         options.update(
             min_soc_fraction=config.min_soc_fraction,
             max_compute_temperature_c=limit_c,
@@ -329,7 +327,6 @@ def run_inference(
     placement uses and stopped afterwards. With `compare`, the
     single-process model runs on the same tokens for an accuracy check.
     """
-    from containers.power_config import load_power_config
     from controller.latency import (
         EmulatorPaths,
         PathModel,
@@ -367,19 +364,13 @@ def run_inference(
     names = [n["name"] for n in nodes]
     options: dict[str, Any] = {}
     if placement is None:
-        scenario = getattr(emulator, "scenario", None)
         placed = place_experts(
             config,
             experts,
             satellites,
             names,
             context,
-            scenario=scenario,
-            throttle_c=(
-                None
-                if scenario is None
-                else load_power_config(scenario.power).throttle_c
-            ),
+            scenario=getattr(emulator, "scenario", None),
         )
         placement, name, options = placed.placement, placed.policy.name, placed.options
     else:

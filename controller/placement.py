@@ -109,12 +109,7 @@ class RoundRobinPolicy:
     name = "round-robin"
 
     def __init__(self, k: int = 8, replicas: int = 1) -> None:
-        if k < 1:
-            raise ConfigError(f"round-robin k={k}: must be at least 1")
-        if not 1 <= replicas <= k:
-            raise ConfigError(
-                f"round-robin replicas={replicas}: must be between 1 and k={k}"
-            )
+        _check_k_replicas(self.name, k, replicas)
         self.k = k
         self.replicas = replicas
 
@@ -163,10 +158,7 @@ class AwarePolicy:
         min_soc_fraction: float = 0.0,
         max_compute_temperature_c: float = float("inf"),
     ) -> None:
-        if k < 1:
-            raise ConfigError(f"aware k={k}: must be at least 1")
-        if not 1 <= replicas <= k:
-            raise ConfigError(f"aware replicas={replicas}: must be between 1 and k={k}")
+        _check_k_replicas(self.name, k, replicas)
         self.k = k
         self.replicas = replicas
         self.min_soc_fraction = min_soc_fraction
@@ -224,6 +216,13 @@ class AwarePolicy:
         # Most used first; equal loads (or none known) in expert order.
         order = sorted(experts, key=lambda e: (-context.expert_load.get(e, 0.0), e))
         return deal(order, best, self.replicas, context.current)
+
+
+def _check_k_replicas(policy: str, k: int, replicas: int) -> None:
+    if k < 1:
+        raise ConfigError(f"{policy} k={k}: must be at least 1")
+    if not 1 <= replicas <= k:
+        raise ConfigError(f"{policy} replicas={replicas}: must be between 1 and k={k}")
 
 
 def deal(

@@ -46,7 +46,7 @@ class Replacer:
     """Redoes the placement every `config.replace_every_s` of scenario time.
 
     `placement` is where the experts are now. `on_change(placed, moves,
-    t_s)` is called after each round that moved something, from the
+    t_s)` is called after each round that changed something, from the
     round's thread.
     """
 
@@ -61,7 +61,6 @@ class Replacer:
         deployment: Deployment,
         placement: Placement,
         on_change: Callable[[Placed, Moves, float], None],
-        throttle_c: float | None = None,
         start_t_s: float = 0.0,
     ) -> None:
         if config.replace_every_s <= 0:
@@ -75,7 +74,6 @@ class Replacer:
         self.deployment = deployment
         self.placement: Placement = {k: list(v) for k, v in placement.items()}
         self.on_change = on_change
-        self.throttle_c = throttle_c
         self.next_t_s = start_t_s + config.replace_every_s
         self.rounds = 0
         self.moved_total = 0
@@ -93,20 +91,16 @@ class Replacer:
         """Whether a round should start at scenario time `t_s`."""
         return t_s >= self.next_t_s and not self.busy and not self._stopping.is_set()
 
-    def start_round(
-        self,
-        t_s: float,
-        context: PlacementContext,
-        node_state: Mapping[str, Mapping[str, float]],
-    ) -> None:
-        """Start a round for the delays and power state captured at `t_s`."""
+    def start_round(self, t_s: float, context: PlacementContext) -> None:
+        """Start a round for what `context` captured at `t_s` (delays,
+        battery and heat, expert load)."""
         every = self.config.replace_every_s
         # Due times stay on the grid; rounds missed while busy are skipped.
         while self.next_t_s <= t_s:
             self.next_t_s += every
         self._thread = threading.Thread(
             target=self._round_safely,
-            args=(t_s, context, dict(node_state)),
+            args=(t_s, context),
             name="replacement",
             daemon=True,
         )
@@ -120,25 +114,15 @@ class Replacer:
             if self._thread.is_alive():
                 log.warning("a re-placement round still runs after %.0f s", timeout_s)
 
-    def _round_safely(
-        self,
-        t_s: float,
-        context: PlacementContext,
-        node_state: Mapping[str, Mapping[str, float]],
-    ) -> None:
+    def _round_safely(self, t_s: float, context: PlacementContext) -> None:
         try:
-            self.run_round(t_s, context, node_state)
+            self.run_round(t_s, context)
             self.last_error = None
         except Exception as exc:  # keep the scenario running; try next round
             self.last_error = str(exc)
             log.error("re-placement at t=%.0f s failed: %s", t_s, exc)
 
-    def run_round(
-        self,
-        t_s: float,
-        context: PlacementContext,
-        node_state: Mapping[str, Mapping[str, float]],
-    ) -> Moves | None:
+    def run_round(self, t_s: float, context: PlacementContext) -> Moves | None:
         """Place again and move there (see the module docstring)."""
         started = time.perf_counter()
         placed = place_experts(
@@ -148,8 +132,6 @@ class Replacer:
             self.names,
             dataclasses.replace(context, current=self.placement),
             scenario=self.scenario,
-            node_state=node_state,
-            throttle_c=self.throttle_c,
         )
         self.rounds += 1
         new = placed.placement

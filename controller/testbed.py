@@ -279,8 +279,6 @@ class Testbed:
             names,
             self._placement_context(home),
             scenario=self.scenario,
-            node_state=self._node_state(),
-            throttle_c=self.power_config.throttle_c,
         )
         placement = placed.placement
 
@@ -331,7 +329,6 @@ class Testbed:
                 on_change=lambda placed, moves, t_s: self._publish_placement(
                     placed, t_s, moved=len(moves["added"])
                 ),
-                throttle_c=self.power_config.throttle_c,
                 start_t_s=emulator.t_s,
             )
         log.info(
@@ -342,26 +339,31 @@ class Testbed:
         )
 
     def _placement_context(self, home: str) -> Any:
-        """Delays from `home` to every satellite along today's routes."""
+        """What placement knows now: delays from `home` along today's routes,
+        each satellite's charge and compute temperature, and the expert
+        load of this run's generations."""
         from controller.latency import EmulatorPaths, propagation_delays_s
         from controller.placement import PlacementContext
 
         emulator = self.emulator
         satellites = emulator.names[: emulator.n_sats]
         delays = propagation_delays_s(EmulatorPaths(emulator), home, satellites)
-        return PlacementContext(home, emulator.t_s, delays)
-
-    def _node_state(self) -> dict[str, dict[str, float]]:
-        """Each satellite's charge and compute temperature, for placement."""
         soc = self.power.soc_fraction
         compute_c = self.power.compute_temperature_c
-        return {
+        node_state = {
             name: {
                 "soc_fraction": float(soc[i]),
                 "compute_temperature_c": float(compute_c[i]),
             }
-            for i, name in enumerate(self.emulator.names[: self.emulator.n_sats])
+            for i, name in enumerate(satellites)
         }
+        return PlacementContext(
+            home,
+            emulator.t_s,
+            delays,
+            node_state=node_state,
+            expert_load=dict(self.expert_load),
+        )
 
     def _publish_placement(self, placed: Any, t_s: float, moved: int) -> None:
         """Tell `infer`, `status`, Prometheus and the metrics where experts are."""
@@ -457,14 +459,13 @@ class Testbed:
             self._last_power_t_s = t_s
 
         if self.replacer is not None and self.replacer.due(t_s):
-            context = self._placement_context(self._moe_doc["home"])
             self.replacer.start_round(
-                t_s,
-                dataclasses.replace(context, expert_load=dict(self.expert_load)),
-                self._node_state(),
+                t_s, self._placement_context(self._moe_doc["home"])
             )
 
-        self._ingest_reports()
+        # Finished generations feed the metrics and the re-placement's load.
+        if self.inference_metrics is not None or self.replacer is not None:
+            self._ingest_reports()
         if self.metrics is None:
             return
         names = emulator.names

@@ -218,37 +218,46 @@ def load_manifest(path: str | Path) -> Manifest:
     )
 
 
+def _verified(
+    data: bytes, expected_sha256: str, what: str, fix: str
+) -> dict[str, Tensor]:
+    """The tensors in `data`, unless its SHA-256 is not the expected one."""
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected_sha256.lower():
+        raise ShardError(
+            f"{what} has sha256 {actual}, expected {expected_sha256}; {fix}"
+        )
+    return load_safetensors_bytes(data)
+
+
 def _read_verified(path: Path, expected_sha256: str) -> dict[str, Tensor]:
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise ShardError(f"cannot read shard file {path}: {exc}") from exc
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != expected_sha256.lower():
+    return _verified(
+        data,
+        expected_sha256,
+        f"shard file {path}",
+        "the file is corrupt or from another model: copy it again from the "
+        "shard directory that wrote the manifest",
+    )
+
+
+def _expert_weights(weights: dict[str, Tensor], what: str) -> dict[str, Tensor]:
+    if set(weights) != set(EXPERT_PARAM_NAMES):
         raise ShardError(
-            f"shard file {path} has sha256 {actual}, expected {expected_sha256}; "
-            "the file is corrupt or from another model: copy it again from the "
-            "shard directory that wrote the manifest"
+            f"{what} holds {sorted(weights)}; an expert shard holds "
+            f"exactly {list(EXPERT_PARAM_NAMES)}"
         )
-    return load_safetensors_bytes(data)
+    return weights
 
 
 def load_shard_bytes(entry: ShardEntry, data: bytes) -> dict[str, Tensor]:
     """A shard received as bytes (a migration), refused unless it hashes right."""
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != entry.sha256.lower():
-        raise ShardError(
-            f"received {len(data)} bytes for layer {entry.layer} expert "
-            f"{entry.expert} with sha256 {actual}, expected {entry.sha256}; "
-            "send the file the manifest names"
-        )
-    weights = load_safetensors_bytes(data)
-    if set(weights) != set(EXPERT_PARAM_NAMES):
-        raise ShardError(
-            f"received shard holds {sorted(weights)}; an expert shard holds "
-            f"exactly {list(EXPERT_PARAM_NAMES)}"
-        )
-    return weights
+    what = f"{len(data)} bytes received for layer {entry.layer} expert {entry.expert}"
+    weights = _verified(data, entry.sha256, what, "send the file the manifest names")
+    return _expert_weights(weights, what)
 
 
 def load_shard(
@@ -269,13 +278,7 @@ def load_shard(
                 f"load_shard({path}) needs expected_sha256 (from the manifest)"
             )
         expected = expected_sha256
-    weights = _read_verified(path, expected)
-    if set(weights) != set(EXPERT_PARAM_NAMES):
-        raise ShardError(
-            f"shard file {path} holds {sorted(weights)}; an expert shard holds "
-            f"exactly {list(EXPERT_PARAM_NAMES)}"
-        )
-    return weights
+    return _expert_weights(_read_verified(path, expected), f"shard file {path}")
 
 
 def load_backbone(manifest: Manifest | str | Path) -> dict[str, Tensor]:
