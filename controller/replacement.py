@@ -125,6 +125,15 @@ class Replacer:
     def run_round(self, t_s: float, context: PlacementContext) -> Moves | None:
         """Place again and move there (see the module docstring)."""
         started = time.perf_counter()
+        if not any(n in context.path_delay_s for n in self.satellites):
+            # Home sees no satellite this moment (no ground link above the
+            # minimum elevation): the experts stay where they are.
+            log.info(
+                "re-placement at t=%.0f s: %s reaches no satellite; nothing moves",
+                t_s,
+                context.home,
+            )
+            return None
         placed = place_experts(
             self.config,
             self.experts,

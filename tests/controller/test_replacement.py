@@ -71,6 +71,29 @@ def test_config_names_the_new_fields() -> None:
         from_dict(MoeConfig, {"replace_every_s": -1}, "moe")
 
 
+def test_a_round_while_home_sees_no_satellite_moves_nothing() -> None:
+    from controller.inference import MoeConfig
+    from controller.placement import PlacementContext
+    from controller.replacement import Replacer
+
+    placement = {(0, 0): ["s0-0-1"]}
+    replacer = Replacer(
+        MoeConfig(placement="aware", replace_every_s=EVERY_S),
+        scenario=None,
+        experts=[(0, 0)],
+        satellites=["s0-0-1", "s0-0-2"],
+        names=["s0-0-1", "s0-0-2", "home"],
+        endpoints={},
+        deployment=None,  # type: ignore[arg-type]
+        placement=placement,
+        on_change=lambda *args: pytest.fail("nothing changed"),
+    )
+    # Only home itself is in reach: no ground link at this moment.
+    cut_off = PlacementContext("home", 900.0, {"home": 0.0})
+    assert replacer.run_round(900.0, cut_off) is None
+    assert replacer.placement == placement and replacer.last_error is None
+
+
 def test_experts_move_with_the_orbit_and_still_answer_exactly(
     testbed: Any, run_directory: Path
 ) -> None:
